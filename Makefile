@@ -1,0 +1,33 @@
+# The README's commands. `make demo` and `make test` are all the set-up a fresh machine needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# Tests and the demo never download: weights and data come from code or installed packages.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: venv demo test bench lint clean
+
+# torch==2.13.0 first: it is a CPU wheel on local disk; a bare `torch` would pull a CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+demo: venv
+	$(OFFLINE) $(BIN)/guilomo demo
+
+test: venv
+	$(OFFLINE) $(BIN)/python -m pytest -q
+
+bench: venv
+	$(OFFLINE) $(BIN)/python benchmarks/moe_layer.py
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

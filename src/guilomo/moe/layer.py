@@ -1,0 +1,345 @@
+"""The LoRA-MoE layers: one compute path with no loop over experts, plus the eager reference.
+
+`LoraMoeLinear` wraps a frozen `nn.Linear` W0 (d_out x d_in):
+
+    y = W0 x + sum_e w_e(x) * (alpha / r_e) * B_e A_e dropout(x)
+
+All experts' A are stored concatenated along the rank (R = sum_e r_e rows, no padding) and
+all B likewise (R columns). The router's dense weights (N, E) are spread over the rank
+columns by one tiny matmul with a fixed (E, R) matrix that also holds alpha / r_e, so the
+experts cost two thin matmuls whatever E, the ranks or the routing rule.
+
+`MixLoraMlp` wraps a LLaMA-style MLP block: each expert is the whole feed-forward network
+with its own LoRA on gate, up and down, and one router per layer picks the experts
+(MixLoRA). The base projections run once per token; only the rank-R LoRA parts run per
+selected expert slot.
+
+Router outputs leave through a side channel (`RoutingState`), not the return value, so the
+wrapped model keeps its signature and the trainer adds the auxiliary losses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModuleAllocation, MoeConfig
+from .routing import Router, Routing
+
+ExpertImpl = Literal["fused", "eager"]
+
+
+@dataclass
+class RoutingRecord:
+    routing: Routing
+    token_mask: torch.Tensor | None  # (N,) bool, None = all tokens valid
+    batch_shape: tuple[int, ...]  # leading shape of the input, e.g. (B, T)
+
+
+@dataclass
+class RoutingState:
+    """Shared by every MoE layer of one adapted model: the side channel in and out.
+
+    In: the padding mask of the current batch (set by a pre-hook from `attention_mask`)
+    and, for LoRAMoE's localized balancing, each example's task type. Out: each layer's
+    routing record of the last forward, and running per-expert token counts.
+    """
+
+    attention_mask: torch.Tensor | None = None  # (B, T_total) as given to the model
+    task_types: torch.Tensor | None = None  # (B,) long
+    records: dict[str, RoutingRecord] = field(default_factory=dict)
+    collect_stats: bool = True
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (E,) selections
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> () valid tokens
+
+    def token_mask(self, lead_shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The padding mask flattened to match an input of leading shape `lead_shape`."""
+        mask = self.attention_mask
+        if mask is None or mask.dim() != 2 or len(lead_shape) != 2:
+            return None
+        b, t = lead_shape
+        if mask.shape[0] != b or mask.shape[1] < t:
+            return None
+        return mask[:, -t:].reshape(-1).bool()  # the last t positions (generation with cache)
+
+    def record(self, name: str, routing: Routing, mask: torch.Tensor | None, lead: tuple) -> None:
+        self.records[name] = RoutingRecord(routing, mask, lead)
+        if self.collect_stats:
+            sel = routing.selected.detach()
+            valid = sel.new_ones(sel.shape[0]) if mask is None else mask
+            count = (sel & valid[:, None]).sum(dim=0)
+            n = valid.sum()
+            if name in self.counts:
+                self.counts[name] = self.counts[name] + count
+                self.tokens[name] = self.tokens[name] + n
+            else:
+                self.counts[name], self.tokens[name] = count, n
+
+
+def _gate_to_cols(ranks: list[int], alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """(E, R) matrix: row e holds alpha / r_e on expert e's rank columns, 0 elsewhere."""
+    total = sum(ranks)
+    m = torch.zeros(len(ranks), total, dtype=dtype)
+    start = 0
+    for e, r in enumerate(ranks):
+        m[e, start : start + r] = alpha / r
+        start += r
+    return m
+
+
+def _offsets(ranks: list[int]) -> list[int]:
+    out = [0]
+    for r in ranks:
+        out.append(out[-1] + r)
+    return out
+
+
+class _MoeBase(nn.Module):
+    """What the two layer kinds share: allocation, router, dropout, side channel."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        in_features: int,
+        allocation: ModuleAllocation,
+        config: MoeConfig,
+        state: RoutingState | None,
+        expert_impl: ExpertImpl,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.allocation = allocation
+        self.ranks = list(allocation.ranks)
+        self.num_experts = allocation.experts
+        self.expert_impl: ExpertImpl = expert_impl
+        self.state = state
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        # One expert needs no router: its gate is 1 (plain LoRA).
+        self.router = (
+            Router(
+                in_features=in_features,
+                experts=allocation.experts,
+                top_k=allocation.top_k,
+                config=config.router,
+            ).to(dtype)
+            if allocation.experts > 1
+            else None
+        )
+        self.register_buffer(
+            "gate_to_cols",
+            _gate_to_cols(self.ranks, config.lora_alpha, dtype),
+            persistent=False,
+        )
+
+    def _route(self, h: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor | None:
+        """Dense routing weights (N, E) in fp32, or None for a single expert."""
+        if self.router is None:
+            return None
+        mask = self.state.token_mask(lead) if self.state is not None else None
+        routing = self.router(h, token_mask=mask)
+        if self.state is not None:
+            self.state.record(self.name, routing, mask, lead)
+        return routing.weights
+
+    def _lora_params(self, prefix: str) -> tuple[nn.Parameter, nn.Parameter]:
+        return getattr(self, f"{prefix}lora_A"), getattr(self, f"{prefix}lora_B")
+
+    def _expert_slices(self, prefix: str) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """Eager reference only: each expert's (A_e, B_e, scale_e) as views."""
+        a, b = self._lora_params(prefix)
+        off = _offsets(self.ranks)
+        return [
+            (a[off[e] : off[e + 1]], b[:, off[e] : off[e + 1]], float(self.gate_to_cols[e, off[e]]))
+            for e in range(len(self.ranks))
+        ]
+
+
+def _new_lora(rows: int, in_features: int, out_features: int, dtype: torch.dtype, device):  # noqa: ANN001
+    """A (R, d_in) kaiming-uniform like PEFT's lora_A; B (d_out, R) zero: delta starts at 0."""
+    a = torch.empty(rows, in_features, dtype=dtype, device=device)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # bound depends on d_in only: per-expert init
+    b = torch.zeros(out_features, rows, dtype=dtype, device=device)
+    return nn.Parameter(a), nn.Parameter(b)
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    return weight.dtype if weight.dtype.is_floating_point else torch.float32
+
+
+class LoraMoeLinear(_MoeBase):
+    """A frozen `nn.Linear` plus a mixture of LoRA experts with per-expert ranks."""
+
+    def __init__(
+        self,
+        *,
+        base_layer: nn.Linear,
+        name: str,
+        allocation: ModuleAllocation,
+        config: MoeConfig,
+        state: RoutingState | None = None,
+        expert_impl: ExpertImpl = "fused",
+    ) -> None:
+        dtype = _adapter_dtype(base_layer.weight)
+        super().__init__(
+            name=name,
+            in_features=base_layer.in_features,
+            allocation=allocation,
+            config=config,
+            state=state,
+            expert_impl=expert_impl,
+            dtype=dtype,
+        )
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        device = base_layer.weight.device
+        self.lora_A, self.lora_B = _new_lora(
+            sum(self.ranks), self.in_features, self.out_features, dtype, device
+        )
+        self.to(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (..., d_out)
+        lead = tuple(x.shape[:-1])
+        h = x.reshape(-1, self.in_features)  # (N, d_in)
+        weights = self._route(h, lead)  # (N, E) or None
+        hd = self.dropout(h).to(self.lora_A.dtype)
+        if self.expert_impl == "fused":
+            delta = self._fused(hd, weights)
+        else:
+            delta = self._eager(hd, weights)
+        return result + delta.view(*lead, self.out_features).to(result.dtype)
+
+    def _fused(self, h: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        u = F.linear(h, self.lora_A)  # (N, R)
+        if weights is None:
+            g = self.gate_to_cols[0]  # (R,): one expert, gate 1
+        else:
+            g = weights.to(u.dtype) @ self.gate_to_cols  # (N, E) @ (E, R) -> (N, R)
+        return F.linear(u * g, self.lora_B)  # (N, d_out)
+
+    def _eager(self, h: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Reference: a loop over experts, every expert on every token, weighted by its gate."""
+        out = h.new_zeros(h.shape[0], self.out_features)
+        for e, (a, b, scale) in enumerate(self._expert_slices("")):  # eager reference loop
+            y = F.linear(F.linear(h, a), b) * scale
+            out = out + (y if weights is None else weights[:, e : e + 1].to(y.dtype) * y)
+        return out
+
+
+def is_llama_mlp(module: nn.Module) -> bool:
+    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")) and all(
+        isinstance(getattr(module, n), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")
+    )
+
+
+class MixLoraMlp(_MoeBase):
+    """MixLoRA: experts are whole feed-forward networks sharing the frozen MLP weights.
+
+    expert_e(x) = (W_d + dB_e) (act((W_g + dG_e) x) * (W_u + dU_e) x), each d* a LoRA of
+    rank r_e scaled by alpha / r_e; y = sum_e w_e(x) expert_e(x) with one router per layer.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_layer: nn.Module,
+        name: str,
+        allocation: ModuleAllocation,
+        config: MoeConfig,
+        state: RoutingState | None = None,
+        expert_impl: ExpertImpl = "fused",
+    ) -> None:
+        gate: nn.Linear = base_layer.gate_proj
+        dtype = _adapter_dtype(gate.weight)
+        super().__init__(
+            name=name,
+            in_features=gate.in_features,
+            allocation=allocation,
+            config=config,
+            state=state,
+            expert_impl=expert_impl,
+            dtype=dtype,
+        )
+        self.base_layer = base_layer
+        self.hidden = gate.in_features
+        self.intermediate = gate.out_features
+        rows, device = sum(self.ranks), gate.weight.device
+        self.gate_lora_A, self.gate_lora_B = _new_lora(
+            rows, self.hidden, self.intermediate, dtype, device
+        )
+        self.up_lora_A, self.up_lora_B = _new_lora(
+            rows, self.hidden, self.intermediate, dtype, device
+        )
+        self.down_lora_A, self.down_lora_B = _new_lora(
+            rows, self.intermediate, self.hidden, dtype, device
+        )
+        # Slots per token: experts a token can use at once under this routing rule.
+        kind = config.router.kind
+        self.slots = {"topk": allocation.top_k, "switch": 1}.get(kind, allocation.experts)
+        self.to(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = tuple(x.shape[:-1])
+        h = x.reshape(-1, self.hidden)  # (N, d)
+        weights = self._route(h, lead)
+        if weights is None:
+            weights = h.new_ones(h.shape[0], 1, dtype=torch.float32)  # one expert: gate 1
+        if self.expert_impl == "fused":
+            y = self._fused(h, weights)
+        else:
+            y = self._eager(h, weights)
+        return y.view(*lead, self.hidden)
+
+    def _fused(self, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        dt = self.gate_lora_A.dtype
+        slot_w, slot_i = weights.topk(min(self.slots, weights.shape[1]), dim=-1)  # (N, k)
+        # (N, k, R): the rank columns of each slot's expert, holding alpha / r_e
+        cols = F.one_hot(slot_i, self.num_experts).to(dt) @ self.gate_to_cols
+        hd = self.dropout(h).to(dt)
+        g0 = base.gate_proj(h)[:, None, :]  # (N, 1, F), shared by all slots
+        u0 = base.up_proj(h)[:, None, :]
+        dg = F.linear(
+            F.linear(hd, self.gate_lora_A)[:, None, :] * cols, self.gate_lora_B
+        )  # (N, k, F)
+        du = F.linear(F.linear(hd, self.up_lora_A)[:, None, :] * cols, self.up_lora_B)
+        hid = base.act_fn(g0 + dg) * (u0 + du)  # (N, k, F)
+        sw = slot_w.to(hid.dtype)[..., None]  # (N, k, 1)
+        # W_d is linear: sum_k w_k W_d hid_k = W_d (sum_k w_k hid_k), one base matmul per token.
+        down = base.down_proj
+        y = F.linear((sw * hid).sum(dim=1), down.weight)  # (N, d)
+        if down.bias is not None:
+            y = y + down.bias * slot_w.sum(dim=-1, keepdim=True).to(y.dtype)
+        a = F.linear(self.dropout(hid).to(dt), self.down_lora_A) * cols * sw  # (N, k, R)
+        return y + F.linear(a.sum(dim=1), self.down_lora_B)
+
+    def _eager(self, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Reference: every expert's whole FFN on every token, weighted by its gate."""
+        base = self.base_layer
+        hd = self.dropout(h)
+        out = h.new_zeros(h.shape[0], self.hidden)
+        experts = zip(
+            self._expert_slices("gate_"),
+            self._expert_slices("up_"),
+            self._expert_slices("down_"),
+            strict=True,
+        )
+        for e, ((ga, gb, s), (ua, ub, _), (da, db, _)) in enumerate(experts):  # eager reference
+            g = base.gate_proj(h) + F.linear(F.linear(hd, ga), gb) * s
+            u = base.up_proj(h) + F.linear(F.linear(hd, ua), ub) * s
+            hid = base.act_fn(g) * u
+            y = base.down_proj(hid) + F.linear(F.linear(self.dropout(hid), da), db) * s
+            out = out + weights[:, e : e + 1].to(y.dtype) * y
+        return out
+
+    @property
+    def in_features(self) -> int:
+        return self.hidden

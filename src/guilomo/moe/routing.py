@@ -1,0 +1,129 @@
+"""Routers: from router logits to dense per-token expert weights.
+
+Every router returns a `Routing` with dense (tokens, experts) tensors: the weights (zero for
+experts a token does not use), which experts were selected, the logits and the softmax
+probabilities. Dense outputs let the layer gate its experts with one matmul and no host
+sync; there is no `.item()`, `.tolist()` or `nonzero` here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import RouterConfig
+
+
+@dataclass
+class Routing:
+    weights: torch.Tensor  # (N, E) fp32, zero where not selected
+    selected: torch.Tensor  # (N, E) bool
+    logits: torch.Tensor  # (N, E) fp32
+    probs: torch.Tensor  # (N, E) fp32 softmax of logits (masked experts get 0)
+
+
+def topk_route(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the probabilities, renormalised over the k chosen (Mixtral convention)."""
+    top_p, top_i = probs.topk(k, dim=-1)  # (N, k)
+    top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+    weights = torch.zeros_like(probs).scatter(1, top_i, top_p)  # (N, E)
+    selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_i, True)
+    return weights, selected
+
+
+def switch_route(
+    probs: torch.Tensor, capacity_factor: float, token_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 with expert capacity: tokens past an expert's capacity are dropped (weight 0).
+
+    The weight of the kept expert is its probability (Switch Transformer). Capacity is
+    ceil(capacity_factor * valid tokens / experts) with the token count taken from the
+    shape when there is no mask, so no host sync; padded tokens neither use nor count
+    towards capacity. Tokens claim capacity in order.
+    """
+    n, e = probs.shape
+    top_p, top_i = probs.max(dim=-1)  # (N,)
+    onehot = F.one_hot(top_i, e).to(probs.dtype)  # (N, E)
+    if token_mask is not None:
+        onehot = onehot * token_mask[:, None].to(probs.dtype)
+        valid = token_mask.sum().to(probs.dtype)
+    else:
+        valid = torch.tensor(float(n), dtype=probs.dtype, device=probs.device)
+    capacity = torch.ceil(capacity_factor * valid / e)
+    position = onehot.cumsum(dim=0)  # (N, E): 1-based slot of each token in its expert
+    selected = (onehot > 0) & (position <= capacity)
+    weights = torch.where(selected, top_p[:, None].expand(n, e), torch.zeros_like(probs))
+    return weights, selected
+
+
+def top_p_route(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest set of experts whose probability mass reaches `top_p`, renormalised."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # (N, E)
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the experts ranked above
+    keep_sorted = mass_before < top_p  # the first expert is always kept
+    selected = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    kept = probs * selected
+    weights = kept / kept.sum(dim=-1, keepdim=True)
+    return weights, selected
+
+
+def threshold_route(
+    probs: torch.Tensor, threshold: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Experts whose probability exceeds the token's threshold, weights relu(p - tau) renormalised.
+
+    `threshold` is (N, 1). Since tau <= 1/E <= max p, at least one expert clears it.
+    """
+    excess = F.relu(probs - threshold)  # (N, E)
+    selected = excess > 0
+    weights = excess / (excess.sum(dim=-1, keepdim=True) + 1e-9)
+    return weights, selected
+
+
+class Router(nn.Module):
+    """Linear router (no bias) plus the routing rule of `config.kind`."""
+
+    def __init__(self, *, in_features: int, experts: int, top_k: int, config: RouterConfig) -> None:
+        super().__init__()
+        self.experts = experts
+        self.top_k = top_k
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(experts, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if config.kind == "threshold":
+            self.threshold = nn.Linear(in_features, 1)
+        self.max_threshold = config.max_threshold or 1.0 / experts
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        token_mask: torch.Tensor | None = None,
+        expert_mask: torch.Tensor | None = None,
+    ) -> Routing:
+        """x: (N, d_in). `expert_mask` (E,) bool switches experts off (used by the search)."""
+        cfg = self.config
+        if cfg.kind == "switch" and self.training and cfg.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1 - cfg.jitter_noise, 1 + cfg.jitter_noise)
+        logits = F.linear(x.to(self.weight.dtype), self.weight).float()  # (N, E)
+        if expert_mask is not None:
+            logits = logits.masked_fill(~expert_mask, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if cfg.kind == "topk":
+            weights, selected = topk_route(probs, self.top_k)
+        elif cfg.kind == "switch":
+            weights, selected = switch_route(probs, cfg.capacity_factor, token_mask)
+        elif cfg.kind == "soft":
+            weights, selected = probs, probs > 0
+        elif cfg.kind == "top_p":
+            weights, selected = top_p_route(probs, cfg.top_p)
+        else:  # threshold
+            tau = (
+                self.max_threshold * torch.sigmoid(self.threshold(x.to(self.weight.dtype))).float()
+            )
+            weights, selected = threshold_route(probs, tau)
+        return Routing(weights=weights, selected=selected, logits=logits, probs=probs)
