@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModuleAllocation, MoeConfig
+from .gsv import ModuleGsv
 from .routing import Router, Routing
 
 ExpertImpl = Literal["fused", "eager"]
@@ -120,6 +121,7 @@ class _MoeBase(nn.Module):
         self.num_experts = allocation.experts
         self.expert_impl: ExpertImpl = expert_impl
         self.state = state
+        self.gsv: ModuleGsv | None = None  # set in search mode (see guilomo.moe.search)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         # One expert needs no router: its gate is 1 (plain LoRA).
         self.router = (
@@ -143,7 +145,8 @@ class _MoeBase(nn.Module):
         if self.router is None:
             return None
         mask = self.state.token_mask(lead) if self.state is not None else None
-        routing = self.router(h, token_mask=mask)
+        experts = self.gsv.expert_mask() if self.gsv is not None else None
+        routing = self.router(h, token_mask=mask, expert_mask=experts)
         if self.state is not None:
             self.state.record(self.name, routing, mask, lead)
         return routing.weights
@@ -211,25 +214,37 @@ class LoraMoeLinear(_MoeBase):
         h = x.reshape(-1, self.in_features)  # (N, d_in)
         weights = self._route(h, lead)  # (N, E) or None
         hd = self.dropout(h).to(self.lora_A.dtype)
+        # search mode: (R,) 0/1 gates that switch off rank components past each expert's choice
+        ranks = self.gsv.rank_mask().flatten().to(hd.dtype) if self.gsv is not None else None
         if self.expert_impl == "fused":
-            delta = self._fused(hd, weights)
+            delta = self._fused(hd, weights, ranks)
         else:
-            delta = self._eager(hd, weights)
+            delta = self._eager(hd, weights, ranks)
         return result + delta.view(*lead, self.out_features).to(result.dtype)
 
-    def _fused(self, h: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    def _fused(
+        self, h: torch.Tensor, weights: torch.Tensor | None, ranks: torch.Tensor | None
+    ) -> torch.Tensor:
         u = F.linear(h, self.lora_A)  # (N, R)
         if weights is None:
             g = self.gate_to_cols[0]  # (R,): one expert, gate 1
         else:
             g = weights.to(u.dtype) @ self.gate_to_cols  # (N, E) @ (E, R) -> (N, R)
+        if ranks is not None:
+            g = g * ranks
         return F.linear(u * g, self.lora_B)  # (N, d_out)
 
-    def _eager(self, h: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    def _eager(
+        self, h: torch.Tensor, weights: torch.Tensor | None, ranks: torch.Tensor | None
+    ) -> torch.Tensor:
         """Reference: a loop over experts, every expert on every token, weighted by its gate."""
         out = h.new_zeros(h.shape[0], self.out_features)
+        off = _offsets(self.ranks)
         for e, (a, b, scale) in enumerate(self._expert_slices("")):  # eager reference loop
-            y = F.linear(F.linear(h, a), b) * scale
+            u = F.linear(h, a)
+            if ranks is not None:
+                u = u * ranks[off[e] : off[e + 1]]
+            y = F.linear(u, b) * scale
             out = out + (y if weights is None else weights[:, e : e + 1].to(y.dtype) * y)
         return out
 

@@ -28,14 +28,14 @@ def _valid(record: RoutingRecord) -> torch.Tensor:
     return record.token_mask.to(w.dtype)[:, None]
 
 
-def balance_loss(record: RoutingRecord, active_experts: torch.Tensor | None = None) -> torch.Tensor:
-    """E * sum_i f_i P_i. `active_experts` (a count, tensor) replaces E when some are masked."""
+def balance_loss(record: RoutingRecord) -> torch.Tensor:
+    """E * sum_i f_i P_i, E the number of active experts (the search masks some out)."""
     r = record.routing
     valid = _valid(record)
     sel = r.selected.to(r.probs.dtype) * valid  # (N, E)
     f = sel.sum(dim=0) / sel.sum().clamp_min(1.0)  # (E,) share of routed slots
     p = (r.probs * valid).sum(dim=0) / valid.sum().clamp_min(1.0)  # (E,) mean probability
-    e = active_experts if active_experts is not None else r.probs.shape[1]
+    e = r.active if r.active is not None else r.probs.shape[1]
     return e * (f * p).sum()
 
 

@@ -24,6 +24,7 @@ class Routing:
     selected: torch.Tensor  # (N, E) bool
     logits: torch.Tensor  # (N, E) fp32
     probs: torch.Tensor  # (N, E) fp32 softmax of logits (masked experts get 0)
+    active: torch.Tensor | None = None  # () number of unmasked experts, None = all
 
 
 def topk_route(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,14 +106,24 @@ class Router(nn.Module):
         token_mask: torch.Tensor | None = None,
         expert_mask: torch.Tensor | None = None,
     ) -> Routing:
-        """x: (N, d_in). `expert_mask` (E,) bool switches experts off (used by the search)."""
+        """x: (N, d_in). `expert_mask` (E,) 0/1 switches experts off (the search's GSVs).
+
+        Masked experts get no probability: p_i m_i / sum_j p_j m_j, which equals a softmax
+        over the active experts and passes a gradient to the mask.
+        """
         cfg = self.config
         if cfg.kind == "switch" and self.training and cfg.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1 - cfg.jitter_noise, 1 + cfg.jitter_noise)
-        logits = F.linear(x.to(self.weight.dtype), self.weight).float()  # (N, E)
-        if expert_mask is not None:
-            logits = logits.masked_fill(~expert_mask, float("-inf"))
+        # fp32 at least (bf16 softmax and top-k are too coarse), fp64 for fp64 models
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
+        logits = F.linear(x.to(self.weight.dtype), self.weight).to(acc)  # (N, E)
         probs = logits.softmax(dim=-1)
+        active = None
+        if expert_mask is not None:
+            m = expert_mask.to(acc)
+            probs = probs * m / (probs * m).sum(dim=-1, keepdim=True)
+            logits = logits.masked_fill(m == 0, float("-inf"))  # for the z-loss: active only
+            active = m.sum()
         if cfg.kind == "topk":
             weights, selected = topk_route(probs, self.top_k)
         elif cfg.kind == "switch":
@@ -126,4 +137,6 @@ class Router(nn.Module):
                 self.max_threshold * torch.sigmoid(self.threshold(x.to(self.weight.dtype))).float()
             )
             weights, selected = threshold_route(probs, tau)
-        return Routing(weights=weights, selected=selected, logits=logits, probs=probs)
+        return Routing(
+            weights=weights, selected=selected, logits=logits, probs=probs, active=active
+        )

@@ -1,0 +1,171 @@
+"""Search mode: a LoRA-MoE at maximum size whose GSVs pick expert counts and ranks.
+
+Every module gets N_max experts of rank R_max and a `ModuleGsv`; the masks are per-rank-
+column gates on the same fused path as the plain layer, so a search forward costs about
+what an SFT forward costs. `extract_allocation` turns the learned GSVs into an
+`Allocation`, optionally shrunk to a parameter budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .config import Allocation, ModuleAllocation, MoeConfig, Placement, build_allocation
+from .gsv import ModuleGsv
+from .layer import LoraMoeLinear
+from .model import AdapterError, MoeAdapter, inject_adapter
+
+
+def inject_search(
+    model: nn.Module,
+    *,
+    base_model: str,
+    max_experts: int = 8,
+    max_rank: int = 8,
+    top_k: int = 2,
+    placement: Placement = "all",
+    targets: Sequence[str] | None = None,
+    seed: int = 0,
+    **config: object,
+) -> MoeAdapter:
+    """Inject a search-mode LoRA-MoE (N_max experts of rank R_max everywhere) with GSVs."""
+    if placement == "mixlora":
+        raise ValueError("the GSV search supports placements 'all' and 'mlp', not 'mixlora'")
+    alloc = build_allocation(
+        base_model=base_model,
+        module_names=[n for n, _ in model.named_modules()],
+        preset="uniform",
+        experts=max_experts,
+        top_k=top_k,
+        rank=max_rank,
+        placement=placement,
+        targets=targets,
+    )
+    adapter = inject_adapter(model, MoeConfig(allocation=alloc, **config))
+    gen = torch.Generator().manual_seed(seed)
+    for layer in adapter.layers.values():
+        layer.gsv = ModuleGsv(
+            max_experts=max_experts, max_rank=max_rank, top_k=top_k, generator=gen
+        )
+    return adapter
+
+
+def gsv_parameters(adapter: MoeAdapter) -> dict[str, nn.Parameter]:
+    return {k: p for k, p in _named(adapter).items() if ".gsv." in k}
+
+
+def weight_parameters(adapter: MoeAdapter) -> dict[str, nn.Parameter]:
+    return {k: p for k, p in _named(adapter).items() if ".gsv." not in k}
+
+
+def _named(adapter: MoeAdapter) -> dict[str, nn.Parameter]:
+    return {
+        f"{name}.{n}": p
+        for name, layer in adapter.layers.items()
+        for n, p in layer.named_parameters()
+        if not n.startswith("base_layer.")
+    }
+
+
+def module_shapes(adapter: MoeAdapter) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name, layer in adapter.layers.items():
+        if not isinstance(layer, LoraMoeLinear):
+            raise AdapterError(f"{name}: search mode needs LoRA-MoE linears")
+        out[name] = (layer.in_features, layer.out_features)
+    return out
+
+
+def module_parameters(shape: tuple[int, int], experts: int, ranks: Sequence[int]) -> int:
+    """Trainable parameters of one LoRA-MoE linear: experts' A and B plus the router."""
+    d_in, d_out = shape
+    return sum(ranks) * (d_in + d_out) + (experts * d_in if experts > 1 else 0)
+
+
+def allocation_parameters(alloc: Allocation, shapes: Mapping[str, tuple[int, int]]) -> int:
+    return sum(module_parameters(shapes[n], m.experts, m.ranks) for n, m in alloc.modules.items())
+
+
+def extract_allocation(
+    gsvs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    base_model: str,
+    top_k: int,
+    shapes: Mapping[str, tuple[int, int]],
+    budget: int | None = None,
+) -> Allocation:
+    """GSVs -> Allocation: experts = max(top_k, argmax g_E + 1), rank_j = argmax g_R,j + 1.
+
+    `gsvs` maps module name -> (expert GSV (N_max,), rank GSVs (N_max, R_max)). With a
+    `budget` (trainable parameters), the choice with the smallest sigmoid value (the last
+    kept expert of a module, or the last kept rank component of an expert) is dropped
+    until the allocation fits; never below top_k experts of rank 1.
+    """
+    experts: dict[str, int] = {}
+    ranks: dict[str, list[int]] = {}
+    s_expert: dict[str, list[float]] = {}
+    s_rank: dict[str, list[list[float]]] = {}
+    for name, (g_e, g_r) in gsvs.items():
+        n = max(top_k, int(g_e.argmax()) + 1)
+        experts[name] = n
+        ranks[name] = (g_r.argmax(dim=-1) + 1)[:n].tolist()
+        s_expert[name] = torch.sigmoid(g_e.double()).tolist()
+        s_rank[name] = torch.sigmoid(g_r.double()).tolist()
+
+    def total() -> int:
+        return sum(module_parameters(shapes[n], experts[n], ranks[n]) for n in experts)
+
+    if budget is not None:
+        minimal = sum(module_parameters(shapes[n], top_k, [1] * top_k) for n in experts)
+        if budget < minimal:
+            raise ValueError(
+                f"budget {budget:,} is smaller than the minimal allocation ({minimal:,} "
+                f"parameters: {top_k} experts of rank 1 in each of {len(experts)} modules); "
+                "raise the budget or adapt fewer modules"
+            )
+        current = total()
+        # (value, module, kind, expert index, the rank or count this entry would shrink)
+        heap: list[tuple[float, str, str, int, int]] = []
+
+        def push(name: str) -> None:
+            n = experts[name]
+            if n > top_k:
+                heapq.heappush(heap, (s_expert[name][n - 1], name, "expert", n - 1, n))
+            for j in range(n):
+                r = ranks[name][j]
+                if r > 1:
+                    heapq.heappush(heap, (s_rank[name][j][r - 1], name, "rank", j, r))
+
+        for name in experts:
+            push(name)
+        while current > budget and heap:
+            _, name, kind, j, was = heapq.heappop(heap)
+            n = experts[name]
+            if (
+                kind == "expert"
+                and n != was
+                or kind == "rank"
+                and (j >= n or ranks[name][j] != was)
+            ):
+                continue  # stale: the choice it describes has changed
+            before = module_parameters(shapes[name], n, ranks[name])
+            if kind == "expert":
+                experts[name] = n - 1
+                ranks[name] = ranks[name][: n - 1]
+                if experts[name] > top_k:
+                    heapq.heappush(heap, (s_expert[name][n - 2], name, "expert", n - 2, n - 1))
+            else:
+                ranks[name][j] -= 1
+                if ranks[name][j] > 1:
+                    r = ranks[name][j]
+                    heapq.heappush(heap, (s_rank[name][j][r - 1], name, "rank", j, r))
+            current += module_parameters(shapes[name], experts[name], ranks[name]) - before
+    modules = {
+        n: ModuleAllocation(experts=experts[n], top_k=min(top_k, experts[n]), ranks=ranks[n])
+        for n in experts
+    }
+    return Allocation(base_model=base_model, modules=modules)

@@ -1,0 +1,1 @@
+"""Pipeline stages: each a plain `run(config, inputs) -> outputs` plus a thin CLI."""
