@@ -25,6 +25,7 @@ test: venv
 
 bench: venv
 	$(OFFLINE) $(BIN)/python benchmarks/moe_layer.py
+	$(OFFLINE) $(BIN)/python benchmarks/search_step.py
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

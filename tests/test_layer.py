@@ -283,3 +283,27 @@ def test_router_stats_count_shares_of_valid_tokens():
                 counts[e] += 2  # two identical forwards
     assert torch.equal(state.counts["m"].float(), counts)
     assert int(state.tokens["m"]) == 2 * int(valid.sum())
+
+
+@pytest.mark.parametrize("kind", ["topk", "switch", "threshold"])
+def test_fused_path_with_dropout_module_equals_eager_in_eval(kind):
+    """With dropout configured the router and experts read different inputs (no shared matmul)."""
+    x = torch.randn(2, 6, D_IN)
+    results = []
+    for impl in ("fused", "eager"):
+        torch.manual_seed(0)
+        base = nn.Linear(D_IN, D_OUT).requires_grad_(False)
+        alloc = ModuleAllocation(experts=3, top_k=2, ranks=[2, 3, 4])
+        cfg = MoeConfig(
+            allocation=Allocation(base_model="t", modules={"m": alloc}),
+            lora_dropout=0.3,
+            router=RouterConfig(kind=kind),
+        )
+        layer = LoraMoeLinear(
+            base_layer=base, name="m", allocation=alloc, config=cfg, expert_impl=impl
+        )
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        layer.eval()
+        results.append(run(layer, x))
+    assert_close_all(*results)

@@ -140,13 +140,15 @@ class _MoeBase(nn.Module):
             persistent=False,
         )
 
-    def _route(self, h: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor | None:
+    def _route(
+        self, h: torch.Tensor, lead: tuple[int, ...], logits: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Dense routing weights (N, E) in fp32, or None for a single expert."""
         if self.router is None:
             return None
         mask = self.state.token_mask(lead) if self.state is not None else None
         experts = self.gsv.expert_mask() if self.gsv is not None else None
-        routing = self.router(h, token_mask=mask, expert_mask=experts)
+        routing = self.router(h, token_mask=mask, expert_mask=experts, logits=logits)
         if self.state is not None:
             self.state.record(self.name, routing, mask, lead)
         return routing.weights
@@ -212,27 +214,36 @@ class LoraMoeLinear(_MoeBase):
         result = self.base_layer(x)  # (..., d_out)
         lead = tuple(x.shape[:-1])
         h = x.reshape(-1, self.in_features)  # (N, d_in)
-        weights = self._route(h, lead)  # (N, E) or None
-        hd = self.dropout(h).to(self.lora_A.dtype)
         # search mode: (R,) 0/1 gates that switch off rank components past each expert's choice
-        ranks = self.gsv.rank_mask().flatten().to(hd.dtype) if self.gsv is not None else None
-        if self.expert_impl == "fused":
-            delta = self._fused(hd, weights, ranks)
+        ranks = self.gsv.rank_mask().flatten() if self.gsv is not None else None
+        if self.expert_impl == "eager":
+            weights = self._route(h, lead)  # (N, E) or None
+            delta = self._eager(self.dropout(h).to(self.lora_A.dtype), weights, ranks)
+            return result + delta.view(*lead, self.out_features).to(result.dtype)
+        a = self.lora_A
+        if (
+            self.router is not None
+            and isinstance(self.dropout, nn.Identity)
+            and not self.router.jitters()
+        ):
+            # no dropout: experts and router read the same input, so one matmul serves both
+            # (and autograd sums one input gradient fewer)
+            z = F.linear(h.to(a.dtype), torch.cat([a, self.router.weight]))  # (N, R + E)
+            u, logits = z[:, : a.shape[0]], z[:, a.shape[0] :]
+            weights = self._route(h, lead, logits)
         else:
-            delta = self._eager(hd, weights, ranks)
-        return result + delta.view(*lead, self.out_features).to(result.dtype)
-
-    def _fused(
-        self, h: torch.Tensor, weights: torch.Tensor | None, ranks: torch.Tensor | None
-    ) -> torch.Tensor:
-        u = F.linear(h, self.lora_A)  # (N, R)
+            weights = self._route(h, lead)
+            u = F.linear(self.dropout(h).to(a.dtype), a)  # (N, R)
         if weights is None:
             g = self.gate_to_cols[0]  # (R,): one expert, gate 1
         else:
             g = weights.to(u.dtype) @ self.gate_to_cols  # (N, E) @ (E, R) -> (N, R)
         if ranks is not None:
-            g = g * ranks
-        return F.linear(u * g, self.lora_B)  # (N, d_out)
+            g = g * ranks.to(g.dtype)
+        flat = result.reshape(-1, self.out_features)  # (N, d_out)
+        if flat.dtype == u.dtype:  # add the experts into the base output in the same kernel
+            return torch.addmm(flat, u * g, self.lora_B.t()).view_as(result)
+        return result + F.linear(u * g, self.lora_B).view_as(result).to(result.dtype)
 
     def _eager(
         self, h: torch.Tensor, weights: torch.Tensor | None, ranks: torch.Tensor | None
@@ -240,6 +251,7 @@ class LoraMoeLinear(_MoeBase):
         """Reference: a loop over experts, every expert on every token, weighted by its gate."""
         out = h.new_zeros(h.shape[0], self.out_features)
         off = _offsets(self.ranks)
+        ranks = ranks.to(h.dtype) if ranks is not None else None
         for e, (a, b, scale) in enumerate(self._expert_slices("")):  # eager reference loop
             u = F.linear(h, a)
             if ranks is not None:

@@ -99,24 +99,32 @@ class Router(nn.Module):
             self.threshold = nn.Linear(in_features, 1)
         self.max_threshold = config.max_threshold or 1.0 / experts
 
+    def jitters(self) -> bool:
+        cfg = self.config
+        return cfg.kind == "switch" and self.training and cfg.jitter_noise > 0
+
     def forward(
         self,
         x: torch.Tensor,
         *,
         token_mask: torch.Tensor | None = None,
         expert_mask: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
     ) -> Routing:
         """x: (N, d_in). `expert_mask` (E,) 0/1 switches experts off (the search's GSVs).
 
         Masked experts get no probability: p_i m_i / sum_j p_j m_j, which equals a softmax
-        over the active experts and passes a gradient to the mask.
+        over the active experts and passes a gradient to the mask. `logits` (N, E), when
+        the caller computed x @ W_r^T already (see `takes_logits`), skips that matmul.
         """
         cfg = self.config
-        if cfg.kind == "switch" and self.training and cfg.jitter_noise > 0:
+        if self.jitters():
             x = x * torch.empty_like(x).uniform_(1 - cfg.jitter_noise, 1 + cfg.jitter_noise)
         # fp32 at least (bf16 softmax and top-k are too coarse), fp64 for fp64 models
         acc = torch.promote_types(self.weight.dtype, torch.float32)
-        logits = F.linear(x.to(self.weight.dtype), self.weight).to(acc)  # (N, E)
+        if logits is None:
+            logits = F.linear(x.to(self.weight.dtype), self.weight)
+        logits = logits.to(acc)  # (N, E)
         probs = logits.softmax(dim=-1)
         active = None
         if expert_mask is not None:
