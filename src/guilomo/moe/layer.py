@@ -82,6 +82,29 @@ class RoutingState:
                 self.counts[name], self.tokens[name] = count, n
 
 
+class _SharedInput(torch.autograd.Function):
+    """y0 = x W0^T + b (W0 frozen) and z = x C^T (C = [A; W_router], trainable) from one x.
+
+    The backward builds the input gradient once, grad_y0 W0 with grad_z C added in place by
+    addmm_, instead of two products summed by autograd (a full (N, d_in) add saved).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, bias, c):  # noqa: ANN001
+        ctx.save_for_backward(x, w0, c)
+        return F.linear(x, w0, bias), F.linear(x, c)  # (N, d_out), (N, R + E)
+
+    @staticmethod
+    def backward(ctx, grad_y0, grad_z):  # noqa: ANN001
+        x, w0, c = ctx.saved_tensors
+        grad_x = grad_c = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_y0 @ w0).addmm_(grad_z, c)  # (N, d_in)
+        if ctx.needs_input_grad[3]:
+            grad_c = (x.t() @ grad_z).t()  # (R + E, d_in); this layout is the faster GEMM
+        return grad_x, None, None, grad_c
+
+
 def _gate_to_cols(ranks: list[int], alpha: float, dtype: torch.dtype) -> torch.Tensor:
     """(E, R) matrix: row e holds alpha / r_e on expert e's rank columns, 0 elsewhere."""
     total = sum(ranks)
@@ -211,12 +234,13 @@ class LoraMoeLinear(_MoeBase):
         self.to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)  # (..., d_out)
         lead = tuple(x.shape[:-1])
         h = x.reshape(-1, self.in_features)  # (N, d_in)
+        result = None  # the base output (..., d_out)
         # search mode: (R,) 0/1 gates that switch off rank components past each expert's choice
         ranks = self.gsv.rank_mask().flatten() if self.gsv is not None else None
         if self.expert_impl == "eager":
+            result = self.base_layer(x)
             weights = self._route(h, lead)  # (N, E) or None
             delta = self._eager(self.dropout(h).to(self.lora_A.dtype), weights, ranks)
             return result + delta.view(*lead, self.out_features).to(result.dtype)
@@ -227,13 +251,21 @@ class LoraMoeLinear(_MoeBase):
             and not self.router.jitters()
         ):
             # no dropout: experts and router read the same input, so one matmul serves both
-            # (and autograd sums one input gradient fewer)
-            z = F.linear(h.to(a.dtype), torch.cat([a, self.router.weight]))  # (N, R + E)
+            c = torch.cat([a, self.router.weight])  # (R + E, d_in)
+            base = self.base_layer
+            if type(base) is nn.Linear and not base.weight.requires_grad and h.dtype == a.dtype:
+                # ... and the frozen base shares the input gradient with them
+                flat, z = _SharedInput.apply(h, base.weight, base.bias, c)
+                result = flat.view(*lead, self.out_features)
+            else:
+                z = F.linear(h.to(a.dtype), c)  # (N, R + E)
             u, logits = z[:, : a.shape[0]], z[:, a.shape[0] :]
             weights = self._route(h, lead, logits)
         else:
             weights = self._route(h, lead)
             u = F.linear(self.dropout(h).to(a.dtype), a)  # (N, R)
+        if result is None:
+            result = self.base_layer(x)
         if weights is None:
             g = self.gate_to_cols[0]  # (R,): one expert, gate 1
         else:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..moe.config import Allocation, ModuleAllocation
+from ..moe.search import allocation_parameters, extract_allocation
 
 _PREFIXES = ("base_model.model.",)  # PEFT-style wrapping in the reference's module names
 _RANK_KEY = re.compile(r"^(?P<module>.+)\.expertlora_E_vector_(?P<j>\d+)$")
@@ -90,3 +91,34 @@ def import_reference_json(
         except ValueError as exc:
             raise AllocationInputError(f"{rank_json}: {name}: {exc}") from None
     return Allocation(base_model=base_model, modules=modules)
+
+
+def allocation_from_state(
+    state_dir: Path,
+    *,
+    budget: int | None = None,
+    module_shapes: dict[str, tuple[int, int]] | None = None,
+) -> tuple[Allocation, int]:
+    """The allocation a search state selects and its trainable-parameter count.
+
+    With `module_shapes` (the target model's adapted modules), a state searched on another
+    model is refused.
+    """
+    from .search import check_state_fits, read_state
+
+    doc, tensors = read_state(Path(state_dir))
+    shapes = {n: tuple(s) for n, s in doc["shapes"].items()}
+    if module_shapes is not None:
+        check_state_fits(doc, Path(state_dir), base_model=None, shapes=module_shapes)
+    gsvs = {n: (tensors[f"gsv.{n}.expert"], tensors[f"gsv.{n}.rank"]) for n in doc["modules"]}
+    try:
+        alloc = extract_allocation(
+            gsvs,
+            base_model=doc["base_model"],
+            top_k=doc["config"]["top_k"],
+            shapes=shapes,
+            budget=budget,
+        )
+    except ValueError as exc:
+        raise AllocationInputError(f"{state_dir}: {exc}") from None
+    return alloc, allocation_parameters(alloc, shapes)

@@ -1,0 +1,312 @@
+"""The search stage: bilevel GSV search on a train split, GSVs judged on a held-out split.
+
+`run_search` drives `BilevelSearch` over token batches, checkpoints everything a resume
+needs (LoRA weights, GSVs, both optimisers, the LR schedule, the RNG, the GSV history) into
+its output folder every `checkpoint_every` steps, and resumes from there when the folder
+holds a checkpoint of the same search. Data order is a seeded permutation per epoch, so
+an interrupted and resumed search equals an uninterrupted one.
+
+Output folder:
+  search_state.safetensors  GSVs ("gsv.<module>.expert" / ".rank"), weights ("w.<name>"),
+                            optimiser tensors, RNG state, GSV history ("history.*")
+  search_state.json         config, step, base model, module shapes, losses, router load
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from ..moe.config import LossConfig, Placement
+from ..moe.model import MoeAdapter
+from ..moe.search import inject_search, module_shapes
+from .bilevel import Batch, BilevelSearch
+
+STATE_JSON = "search_state.json"
+STATE_TENSORS = "search_state.safetensors"
+
+
+class SearchConfig(BaseModel):
+    """Search hyper-parameters; defaults are the method's (ALGORITHM.md section 4)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_experts: int = Field(
+        default=8, ge=1, description="N_max: experts per module searched over."
+    )
+    max_rank: int = Field(default=8, ge=1, description="R_max: rank per expert searched over.")
+    top_k: int = Field(default=2, ge=1, description="Experts per token; the minimum expert count.")
+    placement: Placement = Field(default="all", description="Projections searched: all or mlp.")
+    order: Literal["first", "second"] = Field(default="first", description="DARTS order.")
+    steps: int = Field(
+        default=100, ge=1, description="Bilevel steps (one train + one val batch each)."
+    )
+    lora_lr: float = Field(
+        default=3e-4, gt=0, description="AdamW LR of the LoRA weights and routers."
+    )
+    warmup_steps: int = Field(default=100, ge=0, description="Linear warm-up of the LoRA LR.")
+    gsv_lr: float = Field(default=3e-3, gt=0, description="AdamW LR of the GSVs.")
+    gsv_betas: tuple[float, float] = Field(
+        default=(0.5, 0.999), description="AdamW betas of the GSVs."
+    )
+    balance_coef: float = Field(
+        default=0.001, ge=0, description="Balance-loss weight at both levels."
+    )
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Expert-input dropout.")
+    seed: int = Field(default=0, description="Seeds GSV init, data order and dropout.")
+    checkpoint_every: int = Field(default=50, ge=1, description="Steps between checkpoints.")
+    history_every: int = Field(default=1, ge=1, description="Steps between GSV history rows.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        if self.top_k > self.max_experts:
+            raise ValueError(
+                f"top_k ({self.top_k}) is larger than max_experts ({self.max_experts})"
+            )
+        if self.placement == "mixlora":
+            raise ValueError("placement 'mixlora' cannot be searched: use 'all' or 'mlp'")
+        return self
+
+
+class SearchStateError(ValueError):
+    """A search state that does not fit (other model, other config) or is damaged."""
+
+
+@dataclass
+class SearchResult:
+    out_dir: Path
+    steps: int
+    resumed_from: int
+    losses: list[dict[str, float]]
+
+
+def _order(n: int, epoch: int, seed: int) -> list[int]:
+    return torch.randperm(
+        n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    ).tolist()
+
+
+def _batch_at(data: Sequence[Batch], step: int, seed: int) -> Batch:
+    epoch, i = divmod(step, len(data))
+    return data[_order(len(data), epoch, seed)[i]]
+
+
+def gsv_tensors(adapter: MoeAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {
+        n: (layer.gsv.expert.detach().clone(), layer.gsv.rank.detach().clone())
+        for n, layer in adapter.layers.items()
+    }
+
+
+def _opt_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{prefix}.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, {
+        "param_groups": sd["param_groups"],
+        "state_keys": {str(i): list(st) for i, st in sd["state"].items()},
+    }
+
+
+def _load_opt(
+    prefix: str, opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: dict
+) -> None:
+    state = {
+        int(i): {k: tensors[f"{prefix}.{i}.{k}"] for k in keys}
+        for i, keys in meta["state_keys"].items()
+    }
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class SearchRun:
+    """One search: the model in search mode, its optimiser, its state on disk."""
+
+    def __init__(self, model: nn.Module, config: SearchConfig, *, base_model: str) -> None:
+        self.config = config
+        self.base_model = base_model
+        self.model = model
+        self.adapter = inject_search(
+            model,
+            base_model=base_model,
+            max_experts=config.max_experts,
+            max_rank=config.max_rank,
+            top_k=config.top_k,
+            placement=config.placement,
+            seed=config.seed,
+            lora_dropout=config.lora_dropout,
+            losses=LossConfig(balance_coef=config.balance_coef),
+        )
+        self.search = BilevelSearch(
+            model,
+            self.adapter,
+            total_steps=config.steps,
+            order=config.order,
+            lora_lr=config.lora_lr,
+            warmup_steps=config.warmup_steps,
+            gsv_lr=config.gsv_lr,
+            gsv_betas=config.gsv_betas,
+        )
+        self.shapes = module_shapes(self.adapter)
+        self.losses: list[dict[str, float]] = []
+        self.history: list[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
+
+    # -- persistence -------------------------------------------------------------------
+    def save(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, (e, r) in gsv_tensors(self.adapter).items():
+            tensors[f"gsv.{name}.expert"], tensors[f"gsv.{name}.rank"] = e, r
+        for name, p in self.search.w.items():
+            tensors[f"w.{name}"] = p.detach()
+        ow, ow_meta = _opt_tensors("opt_w", self.search.opt_w)
+        oa, oa_meta = _opt_tensors("opt_alpha", self.search.opt_alpha)
+        tensors.update(ow)
+        tensors.update(oa)
+        tensors["rng"] = torch.get_rng_state()
+        names = list(self.shapes)
+        if self.history:
+            tensors["history.step"] = torch.tensor([s for s, _ in self.history])
+            tensors["history.expert"] = torch.stack(
+                [torch.stack([h[n][0] for n in names]) for _, h in self.history]
+            )
+            tensors["history.rank"] = torch.stack(
+                [torch.stack([h[n][1] for n in names]) for _, h in self.history]
+            )
+        doc = {
+            "kind": "guilomo-search-state",
+            "version": 1,
+            "base_model": self.base_model,
+            "config": self.config.model_dump(mode="json"),
+            "step": self.search.step_count,
+            "modules": names,
+            "shapes": {n: list(s) for n, s in self.shapes.items()},
+            "losses": self.losses,
+            "router_load": self.adapter.router_stats(),
+            "opt_w": ow_meta,
+            "opt_alpha": oa_meta,
+            "scheduler": self.search.sched.state_dict(),
+        }
+        tmp_t, tmp_j = out_dir / (STATE_TENSORS + ".tmp"), out_dir / (STATE_JSON + ".tmp")
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp_t))
+        tmp_j.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp_t, out_dir / STATE_TENSORS)
+        os.replace(tmp_j, out_dir / STATE_JSON)  # last: a complete state has both
+
+    def load(self, out_dir: Path) -> None:
+        doc, tensors = read_state(out_dir)
+        check_state_fits(doc, out_dir, base_model=self.base_model, shapes=self.shapes)
+        if doc["config"] != self.config.model_dump(mode="json"):
+            raise SearchStateError(
+                f"{out_dir / STATE_JSON}: was written by a search with another config; "
+                "resume with the same config or use a new output folder"
+            )
+        with torch.no_grad():
+            for name, layer in self.adapter.layers.items():
+                layer.gsv.expert.copy_(tensors[f"gsv.{name}.expert"])
+                layer.gsv.rank.copy_(tensors[f"gsv.{name}.rank"])
+            for name, p in self.search.w.items():
+                p.copy_(tensors[f"w.{name}"])
+        _load_opt("opt_w", self.search.opt_w, tensors, doc["opt_w"])
+        _load_opt("opt_alpha", self.search.opt_alpha, tensors, doc["opt_alpha"])
+        self.search.sched.load_state_dict(doc["scheduler"])
+        torch.set_rng_state(tensors["rng"])
+        self.search.step_count = doc["step"]
+        self.losses = list(doc["losses"])
+        if "history.step" in tensors:
+            names = doc["modules"]
+            self.history = [
+                (
+                    int(s),
+                    {
+                        n: (tensors["history.expert"][i, j], tensors["history.rank"][i, j])
+                        for j, n in enumerate(names)
+                    },
+                )
+                for i, s in enumerate(tensors["history.step"].tolist())
+            ]
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(
+        self,
+        train: Sequence[Batch],
+        val: Sequence[Batch],
+        out_dir: Path,
+        *,
+        stop_after: int | None = None,
+        progress: bool = False,
+    ) -> SearchResult:
+        if not train or not val:
+            raise ValueError("the search needs non-empty train and validation splits")
+        out_dir = Path(out_dir)
+        start = 0
+        if (out_dir / STATE_JSON).is_file():
+            self.load(out_dir)
+            start = self.search.step_count
+        cfg = self.config
+        end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+        bar = tqdm(range(start, end), desc="search", disable=not progress, mininterval=0.5)
+        for step in bar:
+            info = self.search.step(
+                _batch_at(train, step, cfg.seed), _batch_at(val, step, cfg.seed + 1)
+            )
+            self.losses.append({"step": step, **info})
+            if step % cfg.history_every == 0 or step == cfg.steps - 1:
+                self.history.append((step, gsv_tensors(self.adapter)))
+            bar.set_postfix(train=f"{info['train_loss']:.3f}", val=f"{info['val_loss']:.3f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+                self.save(out_dir)
+        if start >= end:
+            self.save(out_dir)
+        return SearchResult(
+            out_dir=out_dir, steps=self.search.step_count, resumed_from=start, losses=self.losses
+        )
+
+
+def read_state(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The JSON and tensors of a search state folder, or a `SearchStateError` saying what is wrong."""
+    path = Path(out_dir) / STATE_JSON
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SearchStateError(f"{path}: not found; is {out_dir} the output of a search?") from None
+    except json.JSONDecodeError as exc:
+        raise SearchStateError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if doc.get("kind") != "guilomo-search-state":
+        raise SearchStateError(f"{path}: not a guilomo search state")
+    try:
+        tensors = load_file(str(Path(out_dir) / STATE_TENSORS))
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise SearchStateError(f"{Path(out_dir) / STATE_TENSORS}: unreadable ({exc})") from None
+    return doc, tensors
+
+
+def check_state_fits(
+    doc: dict, where: Path, *, base_model: str | None, shapes: Mapping[str, tuple[int, int]]
+) -> None:
+    """Refuse GSV state searched on another model (module names or shapes differ)."""
+    theirs = {n: tuple(s) for n, s in doc["shapes"].items()}
+    mine = {n: tuple(s) for n, s in shapes.items()}
+    if theirs != mine:
+        missing = sorted(set(mine) - set(theirs))[:3]
+        extra = sorted(set(theirs) - set(mine))[:3]
+        diff = [n for n in mine if n in theirs and mine[n] != theirs[n]][:3]
+        raise SearchStateError(
+            f"{where}: the GSV state was searched on another model ({doc.get('base_model')}): "
+            f"modules missing from it {missing}, not in this model {extra}, other shapes {diff}"
+        )
+    if base_model is not None and doc.get("base_model") != base_model:
+        raise SearchStateError(
+            f"{where}: searched on base model {doc.get('base_model')!r}, this run uses {base_model!r}"
+        )
