@@ -285,9 +285,13 @@ def test_router_stats_count_shares_of_valid_tokens():
     assert int(state.tokens["m"]) == 2 * int(valid.sum())
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("kind", ["topk", "switch", "threshold"])
-def test_fused_path_with_dropout_module_equals_eager_in_eval(kind):
-    """With dropout configured the router and experts read different inputs (no shared matmul)."""
+def test_fused_path_with_dropout_equals_eager(kind, mode):
+    """Dropout on: the router and the experts read different inputs (no shared matmul).
+
+    In training both paths draw the dropout mask at the same point from the same seed.
+    """
     x = torch.randn(2, 6, D_IN)
     results = []
     for impl in ("fused", "eager"):
@@ -304,6 +308,7 @@ def test_fused_path_with_dropout_module_equals_eager_in_eval(kind):
         )
         with torch.no_grad():
             layer.lora_B.normal_()
-        layer.eval()
+        layer.train(mode == "train")
+        torch.manual_seed(1)
         results.append(run(layer, x))
     assert_close_all(*results)

@@ -245,11 +245,8 @@ class LoraMoeLinear(_MoeBase):
             delta = self._eager(self.dropout(h).to(self.lora_A.dtype), weights, ranks)
             return result + delta.view(*lead, self.out_features).to(result.dtype)
         a = self.lora_A
-        if (
-            self.router is not None
-            and isinstance(self.dropout, nn.Identity)
-            and not self.router.jitters()
-        ):
+        no_dropout = isinstance(self.dropout, nn.Identity) or not self.dropout.training
+        if self.router is not None and no_dropout and not self.router.jitters():
             # no dropout: experts and router read the same input, so one matmul serves both
             c = torch.cat([a, self.router.weight])  # (R + E, d_in)
             base = self.base_layer
