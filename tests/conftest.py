@@ -29,3 +29,37 @@ def tiny_llama(seed: int = 0, **overrides):
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+def tiny_tokenizer():
+    """A small BPE tokenizer trained in-process (no downloads), with <s>, </s>, <pad>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.",
+        "### Instruction:\nContext: N/A\nQuestion: Which is a mammal?\nOptions: (A) cat (B) fish",
+        "### Response:\nAnswer: The answer is A.",
+    ] * 20
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )

@@ -1,0 +1,209 @@
+"""Typed artifacts: a folder of payload files plus `manifest.json`, written last.
+
+The manifest records the kind, schema version, the sha256 of every payload file, the
+producing stage, the hash of the stage's config, the URIs of the parent artifacts and the
+code version. A stage writes into a temporary sibling folder and renames it into place,
+so a killed stage never leaves a folder that looks complete; a reader verifies the
+manifest and every checksum and refuses anything else.
+
+    with ArtifactWriter(out, kind="Allocation", stage="allocate", config=cfg) as tmp:
+        (tmp / "allocation.json").write_text(...)
+    manifest = read_artifact(out, kind="Allocation")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import __version__
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+ArtifactKind = Literal["PreparedDataset", "SearchState", "Allocation", "Adapter", "EvalReport"]
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, incomplete, tampered with or of the wrong kind."""
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ArtifactKind
+    schema_version: Literal[1] = SCHEMA_VERSION
+    files: dict[str, str] = Field(description="Payload path (relative, '/'-separated) -> sha256.")
+    stage: str = Field(description="The stage that produced the artifact.")
+    config_hash: str = Field(description="sha256 of the stage config's canonical JSON.")
+    parents: list[str] = Field(default_factory=list, description="URIs of the input artifacts.")
+    code_version: str
+    created: str = Field(description="UTC time the artifact was completed (ISO 8601).")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Small stage facts.")
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the payload: kind + every file's checksum (the MLflow dataset digest)."""
+        payload = json.dumps({"kind": self.kind, "files": self.files}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_hash(config: BaseModel | Mapping[str, Any] | None) -> str:
+    """sha256 of a config's canonical JSON (sorted keys); '' for no config."""
+    if config is None:
+        return ""
+    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_version() -> str:
+    """guilomo's version, plus the git commit when running from a checkout."""
+    env = os.environ.get("GUILOMO_CODE_VERSION")
+    if env:
+        return env
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{sha}" if sha else __version__
+
+
+def _payload_files(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[p.relative_to(root).as_posix()] = sha256_file(p)
+    return out
+
+
+class ArtifactWriter:
+    """Context manager: yields a temporary folder; on success checksums it, writes the
+    manifest last and renames the folder to `dest`. On error the temporary folder is removed
+    and `dest` is left as it was."""
+
+    def __init__(
+        self,
+        dest: str | os.PathLike,
+        *,
+        kind: ArtifactKind,
+        stage: str,
+        config: BaseModel | Mapping[str, Any] | None = None,
+        parents: Sequence[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.dest = Path(dest)
+        self.kind, self.stage = kind, stage
+        self.config, self.parents = config, list(parents)
+        self.metadata = dict(metadata or {})
+        self.overwrite = overwrite
+        self.tmp = self.dest.parent / f".{self.dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.manifest: Manifest | None = None
+
+    def __enter__(self) -> Path:
+        if self.dest.exists() and not self.overwrite:
+            raise ArtifactError(
+                f"{self.dest}: already exists; choose a new output location or pass overwrite"
+            )
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            self.manifest = Manifest(
+                kind=self.kind,
+                files=_payload_files(self.tmp),
+                stage=self.stage,
+                config_hash=config_hash(self.config),
+                parents=self.parents,
+                code_version=code_version(),
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                metadata=self.metadata,
+            )
+            (self.tmp / MANIFEST).write_text(
+                json.dumps(self.manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+            )
+            if self.dest.exists():  # overwrite: move the old one aside, then swap
+                old = self.dest.parent / f".{self.dest.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(self.dest, old)
+                os.replace(self.tmp, self.dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, self.dest)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """The manifest of the artifact at `path`, without checking the payload."""
+    root = Path(path)
+    mpath = root / MANIFEST
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: no artifact here (not a folder)")
+    if not mpath.is_file():
+        raise ArtifactError(
+            f"{root}: no {MANIFEST}, so this is not a complete artifact (an interrupted stage "
+            "or a folder written by hand); rerun the stage that produces it"
+        )
+    try:
+        return Manifest.model_validate_json(mpath.read_text())
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "(root)"
+        raise ArtifactError(f"{mpath}: invalid manifest: {field}: {err['msg']}") from None
+
+
+def read_artifact(path: str | os.PathLike, kind: ArtifactKind | None = None) -> Manifest:
+    """Verify the artifact at `path` (manifest, kind, every checksum, no stray files)."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    if kind is not None and manifest.kind != kind:
+        raise ArtifactError(f"{root}: holds a {manifest.kind} artifact, expected {kind}")
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+    missing = sorted(set(manifest.files) - present)
+    extra = sorted(present - set(manifest.files))
+    if missing or extra:
+        raise ArtifactError(
+            f"{root}: files do not match {MANIFEST}: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    for rel, want in manifest.files.items():
+        if sha256_file(root / rel) != want:
+            raise ArtifactError(
+                f"{root / rel}: checksum mismatch: the file changed after it was written"
+            )
+    return manifest
