@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from ..checkpoint import load_optimizer_state, optimizer_state
 from ..moe.config import LossConfig, Placement
 from ..moe.model import MoeAdapter
 from ..moe.search import inject_search, module_shapes
@@ -108,28 +109,6 @@ def gsv_tensors(adapter: MoeAdapter) -> dict[str, tuple[torch.Tensor, torch.Tens
     }
 
 
-def _opt_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"{prefix}.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return tensors, {
-        "param_groups": sd["param_groups"],
-        "state_keys": {str(i): list(st) for i, st in sd["state"].items()},
-    }
-
-
-def _load_opt(
-    prefix: str, opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: dict
-) -> None:
-    state = {
-        int(i): {k: tensors[f"{prefix}.{i}.{k}"] for k in keys}
-        for i, keys in meta["state_keys"].items()
-    }
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 class SearchRun:
     """One search: the model in search mode, its optimiser, its state on disk."""
 
@@ -170,8 +149,8 @@ class SearchRun:
             tensors[f"gsv.{name}.expert"], tensors[f"gsv.{name}.rank"] = e, r
         for name, p in self.search.w.items():
             tensors[f"w.{name}"] = p.detach()
-        ow, ow_meta = _opt_tensors("opt_w", self.search.opt_w)
-        oa, oa_meta = _opt_tensors("opt_alpha", self.search.opt_alpha)
+        ow, ow_meta = optimizer_state("opt_w", self.search.opt_w)
+        oa, oa_meta = optimizer_state("opt_alpha", self.search.opt_alpha)
         tensors.update(ow)
         tensors.update(oa)
         tensors["rng"] = torch.get_rng_state()
@@ -218,8 +197,8 @@ class SearchRun:
                 layer.gsv.rank.copy_(tensors[f"gsv.{name}.rank"])
             for name, p in self.search.w.items():
                 p.copy_(tensors[f"w.{name}"])
-        _load_opt("opt_w", self.search.opt_w, tensors, doc["opt_w"])
-        _load_opt("opt_alpha", self.search.opt_alpha, tensors, doc["opt_alpha"])
+        load_optimizer_state("opt_w", self.search.opt_w, tensors, doc["opt_w"])
+        load_optimizer_state("opt_alpha", self.search.opt_alpha, tensors, doc["opt_alpha"])
         self.search.sched.load_state_dict(doc["scheduler"])
         torch.set_rng_state(tensors["rng"])
         self.search.step_count = doc["step"]

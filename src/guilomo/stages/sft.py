@@ -1,0 +1,339 @@
+"""SFT stage: train a LoRA-MoE built from an Allocation (fresh weights) on a PreparedDataset.
+
+Loss = CE + the adapter's auxiliary router losses. Gradient accumulation turns micro-batches
+into the configured batch; the data order is a seeded function of the step, and every
+`checkpoint_every` steps the adapter, optimiser, LR schedule and RNG are saved, so a killed
+run restarted with the same arguments continues to the same result. Under `torchrun` each
+process takes its share of every batch and gradients are averaged across processes
+(gloo on CPU, NCCL on GPUs). The result is an `Adapter` artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..artifacts import ArtifactWriter, config_hash
+from ..checkpoint import load_optimizer_state, optimizer_state
+from ..data.prepared import read_split
+from ..data.prompts import collate, length_grouped_batches, load_template, tokenize_example
+from ..moe.config import Allocation, LossConfig, MoeConfig, RouterConfig
+from ..moe.model import MoeAdapter, inject_adapter
+from .bilevel import linear_schedule
+
+CKPT_TENSORS = "trainer_state.safetensors"
+CKPT_JSON = "trainer_state.json"
+ADAPTER_TENSORS = "adapter_model.safetensors"
+
+
+class SftConfig(BaseModel):
+    """SFT hyper-parameters. Defaults follow the method's ScienceQA recipe where it has one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = Field(
+        default="smollm2-135m", description="Model folder, hub id or smollm2-135m."
+    )
+    template: str = Field(default="alpaca", description="Prompt template name or JSON path.")
+    cutoff: int = Field(default=256, ge=8, description="Max tokens per example (prompt + answer).")
+    train_on_inputs: bool = Field(default=True, description="Also learn the prompt tokens.")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the train split.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Optimiser steps; overrides epochs."
+    )
+    batch_size: int = Field(
+        default=16, ge=1, description="Examples per optimiser step (all processes)."
+    )
+    micro_batch_size: int = Field(default=4, ge=1, description="Examples per forward pass.")
+    lr: float = Field(
+        default=3e-4, gt=0, description="AdamW learning rate (linear warm-up and decay)."
+    )
+    warmup_steps: int = Field(
+        default=100, ge=0, description="Warm-up steps (capped at a tenth of the run)."
+    )
+    lora_alpha: float = Field(default=16.0, gt=0, description="Expert scaling alpha / r_e.")
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on expert inputs.")
+    router: RouterConfig = RouterConfig()
+    losses: LossConfig = LossConfig()
+    group_by_length: bool = Field(default=True, description="Batch examples of similar length.")
+    seed: int = Field(default=0, description="Seeds adapter init, data order and dropout.")
+    checkpoint_every: int = Field(
+        default=50, ge=1, description="Optimiser steps between checkpoints."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="auto: bf16 on GPU, fp32 on CPU."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SftConfig:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        return self
+
+
+@dataclass
+class SftResult:
+    out: Path
+    steps: int
+    resumed_from: int
+    losses: list[float]
+    tokens_per_second: float
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> bool:
+    """Join the process group torchrun describes (no-op for a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def micro_batch_schedule(
+    lengths: Sequence[int], config: SftConfig, steps: int
+) -> list[list[list[int]]]:
+    """For every optimiser step, its micro-batches (lists of example indices), all ranks."""
+    accum = config.batch_size // config.micro_batch_size
+    needed = steps * accum
+    micro: list[list[int]] = []
+    epoch = 0
+    while len(micro) < needed:
+        seed = config.seed * 7919 + epoch
+        if config.group_by_length:
+            micro.extend(length_grouped_batches(lengths, config.micro_batch_size, seed=seed))
+        else:
+            g = torch.Generator().manual_seed(seed)
+            order = torch.randperm(len(lengths), generator=g).tolist()
+            micro.extend(
+                order[i : i + config.micro_batch_size]
+                for i in range(0, len(order), config.micro_batch_size)
+            )
+        epoch += 1
+    return [micro[s * accum : (s + 1) * accum] for s in range(steps)]
+
+
+def total_steps(n_examples: int, config: SftConfig) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    per_epoch = math.ceil(n_examples / config.micro_batch_size)
+    return max(1, int(per_epoch * config.epochs) // (config.batch_size // config.micro_batch_size))
+
+
+class SftTrainer:
+    def __init__(
+        self,
+        config: SftConfig,
+        allocation: Allocation,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        records: Sequence[dict],
+    ) -> None:
+        self.config = config
+        self.rank, self.world = _world()
+        accum = config.batch_size // config.micro_batch_size
+        if accum % self.world:
+            raise ValueError(
+                f"batch_size / micro_batch_size = {accum} micro-batches per step cannot be split "
+                f"over {self.world} processes; make it a multiple of {self.world}"
+            )
+        template = load_template(config.template)
+        self.examples = [
+            tokenize_example(
+                r, tokenizer, template, cutoff=config.cutoff, train_on_inputs=config.train_on_inputs
+            )
+            for r in records
+        ]
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        self.model = model
+        torch.manual_seed(config.seed)  # fresh adapter weights, the same on every process
+        moe = MoeConfig(
+            allocation=allocation,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            router=config.router,
+            losses=config.losses,
+        )
+        self.adapter: MoeAdapter = inject_adapter(model, moe)
+        self.params = list(self.adapter.parameters())
+        self.steps = total_steps(len(self.examples), config)
+        self.schedule = micro_batch_schedule(
+            [len(e["input_ids"]) for e in self.examples], config, self.steps
+        )
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
+        warmup = min(config.warmup_steps, max(1, self.steps // 10))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, linear_schedule(warmup, self.steps)
+        )
+        self.step = 0
+        self.losses: list[float] = []
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save_checkpoint(self, ckpt_dir: Path) -> None:
+        tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(
+            {k: v.contiguous().cpu() for k, v in self.adapter.state_dict().items()},
+            str(tmp / ADAPTER_TENSORS),
+        )
+        tensors, meta = optimizer_state("opt", self.opt)
+        tensors["rng"] = torch.get_rng_state()
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / CKPT_TENSORS))
+        doc = {
+            "step": self.step,
+            "optimizer": meta,
+            "scheduler": self.sched.state_dict(),
+            "losses": self.losses,
+            "config_hash": config_hash(self.config),
+        }
+        (tmp / CKPT_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        old = ckpt_dir.parent / f".{ckpt_dir.name}.old-{os.getpid()}"
+        if ckpt_dir.exists():
+            os.replace(ckpt_dir, old)
+        os.replace(tmp, ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, ckpt_dir: Path) -> bool:
+        if not (ckpt_dir / CKPT_JSON).is_file():
+            return False
+        doc = json.loads((ckpt_dir / CKPT_JSON).read_text())
+        if doc["config_hash"] != config_hash(self.config):
+            raise ValueError(
+                f"{ckpt_dir}: checkpoint of a run with another config; use the same config to "
+                "resume or another checkpoint folder"
+            )
+        weights = load_file(str(ckpt_dir / ADAPTER_TENSORS))
+        with torch.no_grad():
+            for k, p in self.adapter.state_dict().items():
+                p.copy_(weights[k])
+        tensors = load_file(str(ckpt_dir / CKPT_TENSORS))
+        load_optimizer_state("opt", self.opt, tensors, doc["optimizer"])
+        self.sched.load_state_dict(doc["scheduler"])
+        torch.set_rng_state(tensors["rng"])
+        self.step, self.losses = doc["step"], list(doc["losses"])
+        return True
+
+    # -- training ----------------------------------------------------------------------
+    def train(
+        self, ckpt_dir: Path | None, *, stop_after: int | None = None, progress: bool = True
+    ) -> SftResult:
+        start = self.step
+        end = self.steps if stop_after is None else min(self.steps, stop_after)
+        self.model.train()
+        device = next(self.model.parameters()).device
+        tokens, t0 = 0, time.perf_counter()
+        bar = tqdm(
+            range(start, end), desc="sft", disable=not progress or self.rank != 0, mininterval=0.5
+        )
+        for step in bar:
+            mine = self.schedule[step][self.rank :: self.world]
+            step_loss = torch.zeros((), device=device)
+            for idx in mine:
+                batch = {
+                    k: v.to(device)
+                    for k, v in collate([self.examples[i] for i in idx], self.pad_id).items()
+                }
+                out = self.model(**batch)
+                aux = self.adapter.aux_loss()
+                loss = out.loss if aux is None else out.loss + aux
+                (loss / len(mine)).backward()
+                step_loss += out.loss.detach() / len(mine)
+                tokens += int(batch["attention_mask"].sum())
+            if self.world > 1:
+                for p in self.params:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step = step + 1
+            self.losses.append(float(step_loss))
+            rate = tokens * self.world / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{self.losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
+            if ckpt_dir is not None and (
+                self.step % self.config.checkpoint_every == 0 or self.step == end
+            ):
+                if self.rank == 0:
+                    self.save_checkpoint(ckpt_dir)
+                if self.world > 1:
+                    dist.barrier()
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        return SftResult(
+            out=Path(),
+            steps=self.step,
+            resumed_from=start,
+            losses=self.losses,
+            tokens_per_second=tokens * self.world / elapsed,
+        )
+
+
+def run_sft(
+    config: SftConfig,
+    *,
+    dataset: Path,
+    allocation: Allocation,
+    out: Path,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    checkpoints: Path | None = None,
+    parents: Sequence[str] = (),
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> SftResult:
+    """Train and write the Adapter artifact to `out` (checkpoints in `checkpoints`)."""
+    records = read_split(Path(dataset), "train")
+    if model is None:
+        from ..models import load_model
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
+        model, tokenizer = load_model(config.base_model, dtype=dtype)
+    trainer = SftTrainer(config, allocation, model, tokenizer, records)
+    if checkpoints is not None:
+        trainer.load_checkpoint(Path(checkpoints))
+    result = trainer.train(
+        Path(checkpoints) if checkpoints else None, stop_after=stop_after, progress=progress
+    )
+    result.out = Path(out)
+    if trainer.step < trainer.steps or trainer.rank != 0:
+        return result  # interrupted on purpose, or not the writing process
+    meta = {
+        "steps": trainer.step,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "trainable_parameters": trainer.adapter.num_parameters(),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+    }
+    with ArtifactWriter(
+        out,
+        kind="Adapter",
+        stage="sft",
+        config=config,
+        parents=parents,
+        metadata=meta,
+        overwrite=True,
+    ) as tmp:
+        trainer.adapter.save(tmp)
+        (tmp / "train_log.json").write_text(json.dumps({"losses": result.losses}, indent=1) + "\n")
+    return result

@@ -1,0 +1,52 @@
+"""Shared by the SFT tests and the torchrun script: a tiny model, tokenizer, data, allocation."""
+
+from pathlib import Path
+
+import torch
+
+from conftest import tiny_llama, tiny_tokenizer
+from guilomo.data.prepared import write_prepared
+from guilomo.moe import build_allocation
+
+
+def records(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        a = int(torch.randint(0, 2, (1,), generator=g))
+        letter = "AB"[a]
+        out.append(
+            {
+                "instruction": f"Context: N/A\nQuestion: Which is a mammal? ({i})\nOptions: (A) {'cat' if a == 0 else 'fish'} (B) {'fish' if a == 0 else 'cat'}\n",
+                "input": "",
+                "output": f"Answer: The answer is {letter}.",
+                "answer": letter,
+            }
+        )
+    return out
+
+
+def prepared(path: Path) -> Path:
+    recs = records()
+    return write_prepared(
+        path,
+        {"train": recs[:40], "validation": recs[40:44], "test": recs[44:]},
+        report={"rows_read": 48},
+    )
+
+
+def model_and_tokenizer():
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), initializer_range=0.2, num_hidden_layers=2)
+    return model, tok
+
+
+def allocation(model):
+    return build_allocation(
+        base_model="tiny",
+        module_names=[n for n, _ in model.named_modules()],
+        preset="2468",
+        top_k=2,
+        rank=4,
+        placement="all",
+    )

@@ -1,0 +1,105 @@
+"""SFT stage: it trains, resumes to the same adapter, and runs under torchrun (2 processes)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from guilomo.artifacts import read_artifact
+from guilomo.stages.sft import SftConfig, run_sft
+from sft_helpers import allocation, model_and_tokenizer, prepared
+
+CFG = SftConfig(
+    base_model="tiny",
+    max_steps=8,
+    batch_size=8,
+    micro_batch_size=4,
+    lr=1e-2,
+    warmup_steps=1,
+    cutoff=64,
+    checkpoint_every=3,
+    lora_dropout=0.1,
+    seed=5,
+)
+
+
+def sft(tmp_path, name, config=CFG, stop_after=None, ckpt="ckpt"):
+    model, tok = model_and_tokenizer()
+    data = tmp_path / "data"
+    if not data.exists():
+        prepared(data)
+    return run_sft(
+        config,
+        dataset=data,
+        allocation=allocation(model),
+        out=tmp_path / name,
+        model=model,
+        tokenizer=tok,
+        checkpoints=tmp_path / f"{name}.{ckpt}",
+        stop_after=stop_after,
+        progress=False,
+    )
+
+
+def test_sft_lowers_loss_and_writes_adapter(tmp_path):
+    r = sft(tmp_path, "a", CFG.model_copy(update={"max_steps": 25}))
+    assert r.losses[-1] < 0.5 * r.losses[0], r.losses
+    m = read_artifact(tmp_path / "a", kind="Adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_log.json"} <= set(m.files)
+    assert m.metadata["steps"] == 25
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = sft(tmp_path, "full")
+    part = sft(tmp_path, "resumed", stop_after=5)
+    assert part.steps == 5 and not (tmp_path / "resumed").exists()  # no half artifact
+    rest = sft(tmp_path, "resumed")
+    assert rest.resumed_from == 5 and rest.steps == 8
+    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full.losses == rest.losses
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    sft(tmp_path, "x", stop_after=3)
+    with pytest.raises(ValueError, match="another config"):
+        sft(tmp_path, "x", CFG.model_copy(update={"lr": 5e-3}))
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        SftConfig(batch_size=10, micro_batch_size=4)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equals_one(tmp_path):
+    """gloo, 2 CPU processes: each takes half of every batch; gradients are averaged."""
+    cfg = CFG.model_copy(update={"lora_dropout": 0.0, "max_steps": 4})
+    one = sft(tmp_path, "one", cfg)
+    script = Path(__file__).with_name("sft_torchrun.py")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+        cfg.model_dump_json(),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads((tmp_path / "two.losses.json").read_text())
+    assert two == pytest.approx(one.losses, rel=1e-4)
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
