@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from . import __version__
+from .artifacts import ArtifactError
 from .moe.config import Placement, RouterKind
 from .moe.model import AdapterError
 
@@ -57,6 +58,250 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ config options
+
+
+def _add_config_options(
+    parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str = ""
+) -> None:
+    """One --option per config field (nested models as --router.kind), help from the field."""
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        dest = prefix + name
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            _add_config_options(parser, ann, prefix=dest + ".")
+            continue
+        default = field.get_default(call_default_factory=True)
+        kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS}
+        args = [a for a in get_args(ann) if a is not type(None)]
+        if get_origin(ann) is Literal or (args and get_origin(args[0]) is Literal):
+            kw["choices"] = [
+                str(c) for c in get_args(ann if get_origin(ann) is Literal else args[0])
+            ]
+        if get_origin(ann) is list or get_origin(ann) is tuple:
+            kw["nargs"] = "+" if get_origin(ann) is list else len(get_args(ann))
+        if args and get_origin(args[0]) is dict:
+            kw["nargs"] = "+"
+            kw["metavar"] = "KEY=VALUE"
+        help_text = (field.description or "").replace("%", "%%")
+        kw["help"] = f"{help_text} (default: {default})"
+        parser.add_argument("--" + dest.replace("_", "-"), **kw)
+
+
+def _config_from_args(
+    model: type[BaseModel], args: argparse.Namespace, file: Path | None
+) -> BaseModel:
+    data: dict[str, Any] = {}
+    if file is not None:
+        data = _read_yaml(file)
+    for key, value in vars(args).items():
+        if key.split(".")[0] not in model.model_fields:
+            continue
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, str) and "=" in v for v in value)
+        ):
+            field = model.model_fields.get(key)
+            if field is not None and "dict" in str(field.annotation):
+                value = dict(v.split("=", 1) for v in value)
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "(config)"
+        source = f"{file}: " if file is not None else ""
+        raise ValueError(f"{source}{where}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: a config file holds a mapping of option: value")
+    return doc
+
+
+# ------------------------------------------------------------------ stages
+
+
+def _stage_preprocess(args: argparse.Namespace) -> int:
+    from .stages.preprocess import PreprocessConfig, run_preprocess
+
+    cfg = _config_from_args(PreprocessConfig, args, args.config)
+    out = run_preprocess(cfg, args.out, overwrite=args.overwrite)
+    from .artifacts import read_artifact
+
+    m = read_artifact(out)
+    print(f"preprocess: {m.metadata['counts']} -> {out}")
+    return 0
+
+
+def _stage_search(args: argparse.Namespace) -> int:
+    from .stages.search import SearchConfig, run_search_stage
+
+    cfg = _config_from_args(SearchConfig, args, args.config)
+    ckpt = args.checkpoints or args.out.with_name(args.out.name + ".ckpt")
+    r = run_search_stage(
+        cfg, dataset=args.dataset, out=args.out, checkpoints=ckpt, progress=not args.quiet
+    )
+    print(f"search: {r.steps} steps (resumed from {r.resumed_from}) -> {args.out}")
+    return 0
+
+
+def _stage_allocate(args: argparse.Namespace) -> int:
+    from .stages.allocate import AllocateConfig, run_allocate
+
+    cfg = _config_from_args(AllocateConfig, args, args.config)
+    reference = None
+    if args.reference_expert or args.reference_rank:
+        if not (args.reference_expert and args.reference_rank):
+            raise ValueError("--reference-expert and --reference-rank go together")
+        reference = (args.reference_expert, args.reference_rank)
+    alloc, params = run_allocate(
+        cfg, args.out, search=args.search, reference=reference, overwrite=args.overwrite
+    )
+    s = alloc.summary()
+    print(
+        f"allocate: {s['modules']} modules, {s['experts']} experts, total rank {s['total_rank']}, "
+        f"{params:,} trainable parameters -> {args.out}"
+        if params
+        else f"allocate: {s} -> {args.out}"
+    )
+    return 0
+
+
+def _stage_sft(args: argparse.Namespace) -> int:
+    from .stages.allocate import read_allocation
+    from .stages.sft import SftConfig, init_distributed, run_sft
+
+    cfg = _config_from_args(SftConfig, args, args.config)
+    alloc = read_allocation(args.allocation)
+    init_distributed()
+    ckpt = args.checkpoints or args.out.with_name(args.out.name + ".ckpt")
+    r = run_sft(
+        cfg,
+        dataset=args.dataset,
+        allocation=alloc,
+        out=args.out,
+        checkpoints=ckpt,
+        parents=[str(args.dataset), str(args.allocation)],
+        progress=not args.quiet,
+    )
+    print(
+        f"sft: {r.steps} steps (resumed from {r.resumed_from}), final loss "
+        f"{r.losses[-1]:.4f}, {r.tokens_per_second:,.0f} tokens/s -> {args.out}"
+    )
+    return 0
+
+
+def _stage_evaluate(args: argparse.Namespace) -> int:
+    from .stages.evaluate import EvalConfig, run_evaluate
+
+    cfg = _config_from_args(EvalConfig, args, args.config)
+    parents = [str(args.dataset)] + ([str(args.adapter)] if args.adapter else [])
+    report = run_evaluate(
+        cfg, dataset=args.dataset, out=args.out, adapter=args.adapter, parents=parents
+    )
+    print(
+        f"evaluate: accuracy {report['accuracy']:.4f} ({report['correct']}/{report['total']}), "
+        f"failures {report.get('failures', 0)} -> {args.out}"
+    )
+    return 0
+
+
+def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
+    from .stages.allocate import AllocateConfig
+    from .stages.evaluate import EvalConfig
+    from .stages.preprocess import PreprocessConfig
+    from .stages.search import SearchConfig
+    from .stages.sft import SftConfig
+
+    stage = sub.add_parser(
+        "stage",
+        help="run one pipeline stage without Kubeflow",
+        description="Run one stage as plain Python. Each writes a verified artifact folder "
+        "(payload + manifest.json, published atomically).",
+    )
+    stages = stage.add_subparsers(dest="stage", required=True, metavar="NAME")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="YAML file of options (flags override it)")
+    common.add_argument("--out", type=Path, required=True, help="artifact folder to write")
+
+    specs = [
+        (
+            "preprocess",
+            PreprocessConfig,
+            _stage_preprocess,
+            "Read raw data (ScienceQA, instruction data, multiple-choice sets), split it seeded "
+            "into train / validation / test, and write a PreparedDataset.",
+        ),
+        (
+            "search",
+            SearchConfig,
+            _stage_search,
+            "Bilevel GSV search: LoRA weights on the train split, GSVs on the validation split; "
+            "checkpoints as it goes and resumes; writes a SearchState with GSV plots.",
+        ),
+        (
+            "allocate",
+            AllocateConfig,
+            _stage_allocate,
+            "Turn a SearchState (optionally under a parameter budget), a MoLA preset, or the "
+            "reference code's expert.json / rank.json into an Allocation with heatmaps.",
+        ),
+        (
+            "sft",
+            SftConfig,
+            _stage_sft,
+            "Train a LoRA-MoE built from an Allocation on a PreparedDataset; checkpoints every N "
+            "steps and resumes; runs under torchrun for several GPUs. Writes an Adapter.",
+        ),
+        (
+            "evaluate",
+            EvalConfig,
+            _stage_evaluate,
+            "Evaluate the base model, or the base plus an Adapter, on a split: generation with "
+            "answer extraction, or option log-likelihood. Writes an EvalReport.",
+        ),
+    ]
+    for name, model, func, text in specs:
+        p = stages.add_parser(
+            name, parents=[common], help=text.split(";")[0].split(".")[0], description=text
+        )
+        if name in ("search", "sft", "evaluate"):
+            p.add_argument("--dataset", type=Path, required=True, help="PreparedDataset folder")
+        if name in ("search", "sft"):
+            p.add_argument("--checkpoints", type=Path, help="checkpoint folder (default: OUT.ckpt)")
+        if name == "sft":
+            p.add_argument("--allocation", type=Path, required=True, help="Allocation folder")
+        if name == "evaluate":
+            p.add_argument("--adapter", type=Path, help="Adapter folder (omit for the base model)")
+        if name == "allocate":
+            p.add_argument("--search", type=Path, help="SearchState folder")
+            p.add_argument("--reference-expert", type=Path, help="the reference code's expert.json")
+            p.add_argument("--reference-rank", type=Path, help="the reference code's rank.json")
+        if name in ("preprocess", "allocate"):
+            p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+        if name in ("search", "sft"):
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
+        _add_config_options(p, model)
+        p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="guilomo",
@@ -97,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rank", type=_positive, default=8, help="rank of every expert")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
+    _add_stage_parsers(sub)
     return parser
 
 
@@ -128,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "preset", None) is not None:
             args.preset = _parse_preset(args.preset)
         return args.func(args)
-    except (AdapterError, ValidationError, ValueError) as exc:
-        print(f"guilomo {args.command}: error: {exc}", file=sys.stderr)
+    except (AdapterError, ArtifactError, ValidationError, ValueError, FileNotFoundError) as exc:
+        name = args.command + (f" {args.stage}" if getattr(args, "stage", None) else "")
+        print(f"guilomo {name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

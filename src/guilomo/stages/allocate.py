@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..moe.config import Allocation, ModuleAllocation
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..moe.config import ALL_PROJECTIONS, Allocation, ModuleAllocation, Placement, build_allocation
 from ..moe.search import allocation_parameters, extract_allocation
 
 _PREFIXES = ("base_model.model.",)  # PEFT-style wrapping in the reference's module names
@@ -122,3 +124,128 @@ def allocation_from_state(
     except ValueError as exc:
         raise AllocationInputError(f"{state_dir}: {exc}") from None
     return alloc, allocation_parameters(alloc, shapes)
+
+
+class AllocateConfig(BaseModel):
+    """Where the allocation comes from: a search state, a MoLA preset, or the reference's JSON."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = Field(
+        default="smollm2-135m", description="Base model (for module names and shapes)."
+    )
+    preset: str | None = Field(
+        default=None, description="MoLA preset instead of a search: uniform, 2468, 8642."
+    )
+    experts: int = Field(default=4, ge=1, description="preset uniform: experts per module.")
+    top_k: int = Field(default=2, ge=1, description="preset / reference import: top-k.")
+    rank: int = Field(default=8, ge=1, description="preset: rank of every expert.")
+    placement: Placement = Field(default="all", description="preset: all, mlp or mixlora.")
+    budget: int | None = Field(default=None, ge=1, description="search: max trainable parameters.")
+
+
+def model_modules(base_model: str) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """Module names and linear shapes of a base model, built on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import resolve_model
+
+    cfg = AutoConfig.from_pretrained(resolve_model(base_model))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    names = [n for n, _ in model.named_modules()]
+    shapes = {
+        n: (m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    return names, shapes
+
+
+def write_allocation(
+    out: Path,
+    alloc: Allocation,
+    *,
+    shapes: Mapping[str, tuple[int, int]] | None,
+    config: BaseModel,
+    parents: Sequence[str] = (),
+    overwrite: bool = False,
+) -> Path:
+    from ..artifacts import ArtifactWriter
+    from ..plots import allocation_heatmaps
+
+    params = allocation_parameters(alloc, shapes) if shapes is not None else None
+    meta = {**alloc.summary(), "trainable_parameters": params}
+    with ArtifactWriter(
+        out,
+        kind="Allocation",
+        stage="allocate",
+        config=config,
+        parents=parents,
+        metadata=meta,
+        overwrite=overwrite,
+    ) as tmp:
+        (tmp / "allocation.json").write_text(alloc.model_dump_json(indent=2) + "\n")
+        allocation_heatmaps(alloc, tmp / "plots")
+    return out
+
+
+def read_allocation(path: Path) -> Allocation:
+    from ..artifacts import read_artifact
+
+    read_artifact(path, kind="Allocation")
+    return Allocation.model_validate_json((Path(path) / "allocation.json").read_text())
+
+
+def run_allocate(
+    config: AllocateConfig,
+    out: Path,
+    *,
+    search: Path | None = None,
+    reference: tuple[Path, Path] | None = None,
+    overwrite: bool = False,
+) -> tuple[Allocation, int | None]:
+    """Exactly one source: `search` (a SearchState artifact), `config.preset`, or `reference`."""
+    from ..artifacts import read_artifact
+
+    chosen = [s for s in (search, config.preset, reference) if s is not None]
+    if len(chosen) != 1:
+        raise AllocationInputError(
+            "give exactly one of --search, --preset or --reference-expert/--reference-rank"
+        )
+    parents: list[str] = []
+    if search is not None:
+        read_artifact(search, kind="SearchState")
+        alloc, _ = allocation_from_state(search, budget=config.budget)
+        from .search import read_state
+
+        doc, _ = read_state(search)
+        shapes = {n: tuple(s) for n, s in doc["shapes"].items()}
+        parents = [str(search)]
+    else:
+        names, linear = model_modules(config.base_model)
+        if config.preset is not None:
+            preset = config.preset
+            alloc = build_allocation(
+                base_model=config.base_model,
+                module_names=names,
+                preset=preset,
+                experts=config.experts,
+                top_k=config.top_k,
+                rank=config.rank,
+                placement=config.placement,
+            )
+        else:
+            targets = [n for n in names if n.rsplit(".", 1)[-1] in ALL_PROJECTIONS and n in linear]
+            alloc = import_reference_json(
+                reference[0],
+                reference[1],
+                base_model=config.base_model,
+                module_names=targets,
+                top_k=config.top_k,
+            )
+            parents = [str(reference[0]), str(reference[1])]
+        shapes = linear if all(n in linear for n in alloc.modules) else None
+    write_allocation(out, alloc, shapes=shapes, config=config, parents=parents, overwrite=overwrite)
+    return alloc, allocation_parameters(alloc, shapes) if shapes else None

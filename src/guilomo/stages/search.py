@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -42,6 +42,12 @@ class SearchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    base_model: str = Field(
+        default="smollm2-135m", description="Model folder, hub id or smollm2-135m."
+    )
+    template: str = Field(default="alpaca", description="Prompt template name or JSON path.")
+    cutoff: int = Field(default=256, ge=8, description="Max tokens per example.")
+    batch_size: int = Field(default=16, ge=1, description="Examples per train and per val batch.")
     max_experts: int = Field(
         default=8, ge=1, description="N_max: experts per module searched over."
     )
@@ -289,3 +295,65 @@ def check_state_fits(
         raise SearchStateError(
             f"{where}: searched on base model {doc.get('base_model')!r}, this run uses {base_model!r}"
         )
+
+
+def tokenized_batches(
+    records: Sequence[dict], tokenizer: Any, config: SearchConfig, seed: int
+) -> list[Batch]:
+    """Fixed, length-grouped batches of tokenised records (the search's unit of data)."""
+    from ..data.prompts import collate, length_grouped_batches, load_template, tokenize_example
+
+    template = load_template(config.template)
+    examples = [tokenize_example(r, tokenizer, template, cutoff=config.cutoff) for r in records]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    groups = length_grouped_batches(
+        [len(e["input_ids"]) for e in examples], config.batch_size, seed=seed
+    )
+    return [collate([examples[i] for i in g], pad) for g in groups]
+
+
+def run_search_stage(
+    config: SearchConfig,
+    *,
+    dataset: Path,
+    out: Path,
+    checkpoints: Path,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Search on a PreparedDataset (train split for w, validation split for the GSVs) and
+    publish the state, with GSV plots, as a SearchState artifact."""
+    from ..artifacts import ArtifactWriter
+    from ..data.prepared import read_split
+    from ..plots import gsv_trajectories
+
+    train_records = read_split(Path(dataset), "train")
+    val_records = read_split(Path(dataset), "validation")
+    if model is None:
+        from ..models import load_model
+
+        model, tokenizer = load_model(config.base_model)
+    train = tokenized_batches(train_records, tokenizer, config, config.seed)
+    val = tokenized_batches(val_records, tokenizer, config, config.seed + 1)
+    run = SearchRun(model, config, base_model=config.base_model)
+    result = run.run(train, val, Path(checkpoints), progress=progress)
+    meta = {
+        "steps": result.steps,
+        "modules": len(run.shapes),
+        "final_val_loss": result.losses[-1]["val_loss"] if result.losses else None,
+    }
+    with ArtifactWriter(
+        out,
+        kind="SearchState",
+        stage="search",
+        config=config,
+        parents=[str(dataset)],
+        metadata=meta,
+        overwrite=True,
+    ) as tmp:
+        for name in (STATE_JSON, STATE_TENSORS):
+            (tmp / name).write_bytes((Path(checkpoints) / name).read_bytes())
+        gsv_trajectories(tmp, tmp / "plots")
+    result.out_dir = Path(out)
+    return result

@@ -1,0 +1,258 @@
+"""`guilomo stage NAME`: each stage from the command line on a tiny model, bad input, kill + resume."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_llama, tiny_tokenizer
+from guilomo.artifacts import read_artifact
+
+GUILOMO = str(Path(sys.executable).parent / "guilomo")
+
+
+def guilomo(*args, check=True):
+    r = subprocess.run([GUILOMO, *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base model folder, a PreparedDataset (SciQ) and a preset Allocation."""
+    root = tmp_path_factory.mktemp("stages")
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), initializer_range=0.2, num_hidden_layers=2)
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    guilomo(
+        "stage",
+        "preprocess",
+        "--out",
+        root / "data",
+        "--datasets",
+        "sciq",
+        "--max-train",
+        48,
+        "--max-eval",
+        8,
+        "--seed",
+        1,
+    )
+    guilomo(
+        "stage",
+        "allocate",
+        "--out",
+        root / "alloc",
+        "--base-model",
+        root / "base",
+        "--preset",
+        "2468",
+        "--rank",
+        4,
+    )
+    return root
+
+
+def test_help_explains_every_option():
+    r = guilomo("stage", "sft", "--help")
+    for option in (
+        "--dataset",
+        "--allocation",
+        "--checkpoints",
+        "--max-steps",
+        "--router.kind",
+        "--losses.balance-coef",
+        "--train-on-inputs",
+        "--micro-batch-size",
+    ):
+        assert option in r.stdout, option
+    assert "Examples per forward pass" in r.stdout
+
+
+def test_stages_chain(world, tmp_path):
+    data = read_artifact(world / "data", kind="PreparedDataset")
+    assert data.metadata["counts"] == {"train": 48, "validation": 8, "test": 8}
+    alloc = json.loads((world / "alloc" / "allocation.json").read_text())
+    assert alloc["modules"]["model.layers.0.self_attn.q_proj"]["experts"] == 2
+    guilomo(
+        "stage",
+        "sft",
+        "--out",
+        tmp_path / "adapter",
+        "--dataset",
+        world / "data",
+        "--allocation",
+        world / "alloc",
+        "--base-model",
+        world / "base",
+        "--max-steps",
+        3,
+        "--batch-size",
+        4,
+        "--micro-batch-size",
+        2,
+        "--cutoff",
+        64,
+        "--quiet",
+    )
+    assert read_artifact(tmp_path / "adapter", kind="Adapter").metadata["steps"] == 3
+    r = guilomo(
+        "stage",
+        "evaluate",
+        "--out",
+        tmp_path / "eval",
+        "--dataset",
+        world / "data",
+        "--adapter",
+        tmp_path / "adapter",
+        "--base-model",
+        world / "base",
+        "--limit",
+        4,
+        "--max-new-tokens",
+        4,
+    )
+    assert "accuracy" in r.stdout
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["total"] == 4 and len(report["predictions"]) == 4
+
+
+def test_search_then_allocate_with_budget(world, tmp_path):
+    guilomo(
+        "stage",
+        "search",
+        "--out",
+        tmp_path / "search",
+        "--dataset",
+        world / "data",
+        "--base-model",
+        world / "base",
+        "--steps",
+        3,
+        "--max-experts",
+        2,
+        "--max-rank",
+        2,
+        "--top-k",
+        1,
+        "--batch-size",
+        8,
+        "--cutoff",
+        64,
+        "--quiet",
+    )
+    m = read_artifact(tmp_path / "search", kind="SearchState")
+    assert "plots/gsv_experts.png" in m.files
+    r = guilomo("stage", "allocate", "--out", tmp_path / "alloc", "--search", tmp_path / "search")
+    assert "trainable parameters" in r.stdout
+    r = guilomo(
+        "stage",
+        "allocate",
+        "--out",
+        tmp_path / "small",
+        "--search",
+        tmp_path / "search",
+        "--budget",
+        10,
+        check=False,
+    )
+    assert r.returncode == 2 and "smaller than the minimal allocation" in r.stderr
+    assert not (tmp_path / "small").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["stage", "preprocess", "--source", "instructions", "--path", "{bad}"], "line 2"),
+        (["stage", "preprocess", "--source", "scienceqa"], "needs `path`"),
+        (["stage", "preprocess", "--datasets", "mmlu"], "unknown datasets ['mmlu']"),
+        (
+            ["stage", "sft", "--dataset", "{data}", "--allocation", "{data}"],
+            "holds a PreparedDataset artifact, expected Allocation",
+        ),
+        (
+            ["stage", "sft", "--dataset", "{data}", "--allocation", "{alloc}", "--batch-size", "3"],
+            "multiple of micro_batch_size",
+        ),
+        (
+            ["stage", "evaluate", "--dataset", "{data}", "--base-model", "{empty}"],
+            "no *.safetensors",
+        ),
+        (
+            ["stage", "allocate", "--preset", "2468", "--base-model", "{base}", "--top-k", "0"],
+            "top_k",
+        ),
+    ],
+)
+def test_bad_input_exits_2_without_artifact(world, tmp_path, args, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{oops\n')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    subst = {
+        "{bad}": bad,
+        "{data}": world / "data",
+        "{alloc}": world / "alloc",
+        "{empty}": empty,
+        "{base}": world / "base",
+    }
+    args = [str(subst.get(a, a)) for a in args]
+    r = guilomo(*args, "--out", tmp_path / "out", check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_killed_sft_resumes_to_the_uninterrupted_result(world, tmp_path):
+    common = [
+        "--dataset",
+        world / "data",
+        "--allocation",
+        world / "alloc",
+        "--base-model",
+        world / "base",
+        "--max-steps",
+        12,
+        "--batch-size",
+        4,
+        "--micro-batch-size",
+        2,
+        "--cutoff",
+        64,
+        "--checkpoint-every",
+        2,
+        "--quiet",
+    ]
+    guilomo("stage", "sft", "--out", tmp_path / "full", *common)
+    proc = subprocess.Popen(
+        [GUILOMO, "stage", "sft", "--out", str(tmp_path / "killed"), *map(str, common)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = tmp_path / "killed.ckpt" / "trainer_state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.loads(state.read_text())["step"]
+    assert 2 <= step < 12 and not (tmp_path / "killed").exists(), step
+    r = guilomo("stage", "sft", "--out", tmp_path / "killed", *common)
+    assert f"resumed from {step}" in r.stdout
+    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
