@@ -256,3 +256,49 @@ def test_killed_sft_resumes_to_the_uninterrupted_result(world, tmp_path):
     b = load_file(str(tmp_path / "killed" / "adapter_model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_torchrun_cli_two_processes_equals_one(world, tmp_path):
+    """The README's multi-GPU command, on CPU with 2 gloo processes."""
+    common = [
+        "stage",
+        "sft",
+        "--dataset",
+        world / "data",
+        "--allocation",
+        world / "alloc",
+        "--base-model",
+        world / "base",
+        "--max-steps",
+        3,
+        "--batch-size",
+        4,
+        "--micro-batch-size",
+        2,
+        "--cutoff",
+        64,
+        "--lora-dropout",
+        0,
+        "--quiet",
+    ]
+    guilomo(*common, "--out", tmp_path / "one")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "guilomo.cli",
+        *map(str, common),
+        "--out",
+        str(tmp_path / "two"),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
