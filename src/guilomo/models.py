@@ -131,6 +131,13 @@ def resolve_model(spec: str | os.PathLike[str], *, cache_dir: Path | None = None
     return _resolve_hub(spec)
 
 
+def default_device() -> torch.device:
+    """The GPU of this process (torchrun's LOCAL_RANK) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def load_model(
     spec: str | os.PathLike[str],
     *,

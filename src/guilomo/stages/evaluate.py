@@ -514,9 +514,9 @@ def run_evaluate(
     if adapter is not None:
         read_artifact(Path(adapter), kind="Adapter")  # before the (slow) model load
     if model is None or tokenizer is None:
-        from ..models import load_model
+        from ..models import default_device, load_model
 
-        model, tokenizer = load_model(config.base_model)
+        model, tokenizer = load_model(config.base_model, device=default_device())
     if adapter is not None:
         from ..moe.model import load_adapter
 

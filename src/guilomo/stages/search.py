@@ -331,11 +331,14 @@ def run_search_stage(
     train_records = read_split(Path(dataset), "train")
     val_records = read_split(Path(dataset), "validation")
     if model is None:
-        from ..models import load_model
+        from ..models import default_device, load_model
 
-        model, tokenizer = load_model(config.base_model)
+        model, tokenizer = load_model(config.base_model, device=default_device())
+    device = next(model.parameters()).device
     train = tokenized_batches(train_records, tokenizer, config, config.seed)
     val = tokenized_batches(val_records, tokenizer, config, config.seed + 1)
+    train = [{k: v.to(device) for k, v in b.items()} for b in train]
+    val = [{k: v.to(device) for k, v in b.items()} for b in val]
     run = SearchRun(model, config, base_model=config.base_model)
     result = run.run(train, val, Path(checkpoints), progress=progress)
     meta = {

@@ -306,10 +306,10 @@ def run_sft(
     """Train and write the Adapter artifact to `out` (checkpoints in `checkpoints`)."""
     records = read_split(Path(dataset), "train")
     if model is None:
-        from ..models import load_model
+        from ..models import default_device, load_model
 
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
-        model, tokenizer = load_model(config.base_model, dtype=dtype)
+        model, tokenizer = load_model(config.base_model, dtype=dtype, device=default_device())
     trainer = SftTrainer(config, allocation, model, tokenizer, records)
     if checkpoints is not None:
         trainer.load_checkpoint(Path(checkpoints))
