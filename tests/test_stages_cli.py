@@ -302,3 +302,55 @@ def test_torchrun_cli_two_processes_equals_one(world, tmp_path):
     b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def _scienceqa_variant(src: Path, dest: Path, edit) -> Path:
+    dest.mkdir()
+    problems = json.loads((src / "problems.json").read_text())
+    for p in problems.values():
+        edit(p)
+    (dest / "problems.json").write_text(json.dumps(problems))
+    (dest / "pid_splits.json").write_text((src / "pid_splits.json").read_text())
+    return dest
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "scienceqa"
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("images_only", "no text-only"),
+        ("bad_answers", "answer"),
+        ("missing_output", "output"),
+        ("one_row", "empty"),
+    ],
+)
+def test_preprocess_bad_data_exits_2(tmp_path, kind, message):
+    if kind == "images_only":
+        args = [
+            "--source",
+            "scienceqa",
+            "--path",
+            _scienceqa_variant(FIXTURE, tmp_path / "s", lambda p: p.update(image="x.png")),
+        ]
+    elif kind == "bad_answers":
+        args = [
+            "--source",
+            "scienceqa",
+            "--path",
+            _scienceqa_variant(FIXTURE, tmp_path / "s", lambda p: p.update(answer=9)),
+        ]
+    else:
+        rows = [
+            {"instruction": f"q{i}", "output": "a"} for i in range(1 if kind == "one_row" else 5)
+        ]
+        if kind == "missing_output":
+            rows = [{"instruction": r["instruction"]} for r in rows]
+        path = tmp_path / "rows.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        args = ["--source", "instructions", "--path", path]
+    r = guilomo("stage", "preprocess", "--out", tmp_path / "out", *args, check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
