@@ -302,6 +302,14 @@ def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func)
 
 
+def _compile(args: argparse.Namespace) -> int:
+    from .pipeline import compile_all
+
+    for path in compile_all(args.root):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="guilomo",
@@ -343,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
     _add_stage_parsers(sub)
+    comp = sub.add_parser(
+        "compile",
+        help="write the KFP component and pipeline YAML",
+        description="Compile one Kubeflow Pipelines component per stage to ROOT/components/ and "
+        "the whole DAG to ROOT/pipelines/guilomo.yaml (the committed copies are checked by a test).",
+    )
+    comp.add_argument("--root", type=Path, default=Path("."), help="repository root (default: .)")
+    comp.set_defaults(func=_compile)
     return parser
 
 
