@@ -24,6 +24,28 @@ def guilomo(*args, check=True):
     return r
 
 
+def sft_args(world, *extra):
+    """`guilomo stage sft` on the tiny world: a few small steps."""
+    return [
+        "stage",
+        "sft",
+        "--dataset",
+        world / "data",
+        "--allocation",
+        world / "alloc",
+        "--base-model",
+        world / "base",
+        "--batch-size",
+        4,
+        "--micro-batch-size",
+        2,
+        "--cutoff",
+        64,
+        "--quiet",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny base model folder, a PreparedDataset (SciQ) and a preset Allocation."""
@@ -82,27 +104,7 @@ def test_stages_chain(world, tmp_path):
     assert data.metadata["counts"] == {"train": 48, "validation": 8, "test": 8}
     alloc = json.loads((world / "alloc" / "allocation.json").read_text())
     assert alloc["modules"]["model.layers.0.self_attn.q_proj"]["experts"] == 2
-    guilomo(
-        "stage",
-        "sft",
-        "--out",
-        tmp_path / "adapter",
-        "--dataset",
-        world / "data",
-        "--allocation",
-        world / "alloc",
-        "--base-model",
-        world / "base",
-        "--max-steps",
-        3,
-        "--batch-size",
-        4,
-        "--micro-batch-size",
-        2,
-        "--cutoff",
-        64,
-        "--quiet",
-    )
+    guilomo(*sft_args(world, "--max-steps", 3), "--out", tmp_path / "adapter")
     assert read_artifact(tmp_path / "adapter", kind="Adapter").metadata["steps"] == 3
     r = guilomo(
         "stage",
@@ -215,28 +217,10 @@ def test_bad_input_exits_2_without_artifact(world, tmp_path, args, message):
 
 @pytest.mark.slow
 def test_killed_sft_resumes_to_the_uninterrupted_result(world, tmp_path):
-    common = [
-        "--dataset",
-        world / "data",
-        "--allocation",
-        world / "alloc",
-        "--base-model",
-        world / "base",
-        "--max-steps",
-        12,
-        "--batch-size",
-        4,
-        "--micro-batch-size",
-        2,
-        "--cutoff",
-        64,
-        "--checkpoint-every",
-        2,
-        "--quiet",
-    ]
-    guilomo("stage", "sft", "--out", tmp_path / "full", *common)
+    common = sft_args(world, "--max-steps", 12, "--checkpoint-every", 2)
+    guilomo(*common, "--out", tmp_path / "full")
     proc = subprocess.Popen(
-        [GUILOMO, "stage", "sft", "--out", str(tmp_path / "killed"), *map(str, common)],
+        [GUILOMO, *map(str, common), "--out", str(tmp_path / "killed")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -250,7 +234,7 @@ def test_killed_sft_resumes_to_the_uninterrupted_result(world, tmp_path):
     proc.wait()
     step = json.loads(state.read_text())["step"]
     assert 2 <= step < 12 and not (tmp_path / "killed").exists(), step
-    r = guilomo("stage", "sft", "--out", tmp_path / "killed", *common)
+    r = guilomo(*common, "--out", tmp_path / "killed")
     assert f"resumed from {step}" in r.stdout
     a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "adapter_model.safetensors"))
@@ -261,27 +245,7 @@ def test_killed_sft_resumes_to_the_uninterrupted_result(world, tmp_path):
 @pytest.mark.slow
 def test_torchrun_cli_two_processes_equals_one(world, tmp_path):
     """The README's multi-GPU command, on CPU with 2 gloo processes."""
-    common = [
-        "stage",
-        "sft",
-        "--dataset",
-        world / "data",
-        "--allocation",
-        world / "alloc",
-        "--base-model",
-        world / "base",
-        "--max-steps",
-        3,
-        "--batch-size",
-        4,
-        "--micro-batch-size",
-        2,
-        "--cutoff",
-        64,
-        "--lora-dropout",
-        0,
-        "--quiet",
-    ]
+    common = sft_args(world, "--max-steps", 3, "--lora-dropout", 0)
     guilomo(*common, "--out", tmp_path / "one")
     cmd = [
         sys.executable,
