@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Tests and the demo never download: weights and data come from code or installed packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench bench-pipeline lint clean
 
 # torch==2.13.0 first: it is a CPU wheel on local disk; a bare `torch` would pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The demo pipeline: SmolLM2-135M on ARC-Easy through all five stages (kfp.local + MLflow).
 demo: venv
-	$(OFFLINE) $(BIN)/guilomo demo
+	$(OFFLINE) $(BIN)/guilomo run
 
 test: venv
 	$(OFFLINE) $(BIN)/python -m pytest -q
@@ -30,6 +31,9 @@ test: venv
 bench: venv
 	$(OFFLINE) $(BIN)/python benchmarks/moe_layer.py
 	$(OFFLINE) $(BIN)/python benchmarks/search_step.py
+
+bench-pipeline: venv
+	$(OFFLINE) $(BIN)/python benchmarks/pipeline.py
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

@@ -249,3 +249,169 @@ def weed_s3_server(workdir: Path, bucket: str = BUCKET) -> Iterator[WeedS3Server
     finally:
         server.stop()
         server.cleanup()
+
+
+# -- MLflow tracking server ----------------------------------------------------------------
+# The `mlflow server` flags the tests use; charts/guilomo reuses the same list for the
+# in-cluster server (with its own host, port, database URI and S3 artifacts destination).
+# Artifacts are proxied (`--serve-artifacts`): clients upload through the server and never
+# need object-store credentials of their own.
+MLFLOW_SERVER_FLAGS = [
+    "--host",
+    "{host}",
+    "--port",
+    "{port}",
+    "--backend-store-uri",
+    "{backend_store_uri}",
+    "--serve-artifacts",
+    "--artifacts-destination",
+    "{artifacts_destination}",
+    "--workers",
+    "1",
+    "--allowed-hosts",
+    "{allowed_hosts}",
+]
+# Environment of the server process: no background job runner (it would spawn Huey workers).
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def mlflow_server_args(**values: str) -> list[str]:
+    """`MLFLOW_SERVER_FLAGS` with its {placeholders} filled in from `values`."""
+    return [flag.format(**values) for flag in MLFLOW_SERVER_FLAGS]
+
+
+class MlflowServer:
+    """One real `mlflow server` process (sqlite backend, proxied local artifacts) on
+    127.0.0.1 and a free port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "mlflow-server.log"
+        self.db_path = self.workdir / "mlflow.db"
+        self.artifacts = self.workdir / "artifacts"
+        self.port = free_ports(1)[0]
+        self.host = "127.0.0.1"
+        self.uri = f"http://{self.host}:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+        self._started_at = 0.0
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            *mlflow_server_args(
+                host=self.host,
+                port=str(self.port),
+                backend_store_uri=f"sqlite:///{self.db_path}",
+                artifacts_destination=str(self.artifacts),
+                allowed_hosts=f"127.0.0.1:{self.port},localhost:{self.port}",
+            ),
+        ]
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 60.0, *, wait: bool = True) -> None:
+        """Start the server; with `wait`, block until GET /health answers 200 (bounded by
+        `timeout`). `wait=False` returns at once, so a caller can work while the server boots
+        (about 6-8 s, mostly imports and the database migrations) and `wait_healthy()` later."""
+        if self.running():
+            raise RuntimeError(f"mlflow server already running (pid {self.pid})")
+        env = {
+            **os.environ,
+            **MLFLOW_SERVER_ENV,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+        }
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self._started_at = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=env,
+            )
+        if wait:
+            self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        """Wait until GET /health answers 200; `startup_seconds` records the time from start."""
+        if self.startup_seconds is not None and self.running():
+            return
+        if self.proc is None:
+            raise RuntimeError("mlflow server not started")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited with status {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                with opener.open(f"{self.uri}/health", timeout=1) as r:
+                    if r.status == 200:
+                        self.startup_seconds = time.monotonic() - self._started_at
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"mlflow server not healthy after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the process by PID: SIGTERM, then SIGKILL after `timeout` seconds. `mlflow
+        server` runs uvicorn as a child process and forwards SIGTERM to it; a child that
+        outlives its parent (after a SIGKILL) is killed by its own PID."""
+        if self.proc is None:
+            return
+        children = []
+        if self.proc.poll() is None:
+            try:
+                import psutil
+
+                children = psutil.Process(self.proc.pid).children(recursive=True)
+            except Exception:  # psutil missing or the process just exited
+                children = []
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        for child in children:
+            with contextlib.suppress(Exception):
+                child.wait(timeout)
+            with contextlib.suppress(Exception):
+                if child.is_running():
+                    child.kill()
+        self.proc = None
+        self.startup_seconds = None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(lines[-n:])
+
+
+@contextlib.contextmanager
+def mlflow_server(workdir: Path) -> Iterator[MlflowServer]:
+    """A running `mlflow server`; stopped on exit, also on error."""
+    server = MlflowServer(workdir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

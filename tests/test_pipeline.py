@@ -1,14 +1,24 @@
 """The compiled KFP YAML: committed copies are current; GPU settings only on GPU stages."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+from kfp import compiler
+
+from guilomo.pipeline import rerun_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 GUILOMO = str(Path(sys.executable).parent / "guilomo")
 GPU_EXECUTORS = {"exec-search-op", "exec-sft-op", "exec-evaluate-op", "exec-evaluate-base-op"}
+
+
+def base_name(name):
+    """KFP numbers a component's second use (sft-op-2 in the other branch)."""
+    return re.sub(r"-\d+$", "", name)
 
 
 def compiled(tmp_path):
@@ -42,9 +52,15 @@ def test_gpu_settings_only_on_gpu_stages_and_no_credentials(tmp_path):
         if ex["container"].get("resources", {}).get("accelerator", {}).get("resourceType")
         == "nvidia.com/gpu"
     }
-    assert with_gpu == GPU_EXECUTORS
+    assert {base_name(n) for n in with_gpu} == GPU_EXECUTORS
+    cpu = set(executors) - with_gpu
+    assert {base_name(n) for n in cpu} == {
+        "exec-preprocess-op",
+        "exec-allocate-op",
+        "exec-preset-op",
+    }
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(k8s) == GPU_EXECUTORS
+    assert set(k8s) == with_gpu
     for ex in k8s.values():
         assert "nodeSelector" in ex and "tolerations" in ex
     for ex in executors.values():
@@ -66,8 +82,8 @@ def test_caching_and_retries(tmp_path):
             if "dag" in comp:
                 yield from tasks(comp["dag"])
 
-    found = dict(tasks(spec["root"]["dag"]))
-    leaves = {n: t for n, t in found.items() if not n.startswith("condition")}
+    found = list(tasks(spec["root"]["dag"]))
+    leaves = {base_name(n): t for n, t in found if not n.startswith("condition")}
     assert {
         "preprocess-op",
         "search-op",
@@ -83,3 +99,58 @@ def test_caching_and_retries(tmp_path):
         assert leaves[name]["retryPolicy"]["maxRetryCount"] == 2, name
     for name in ("preprocess-op", "allocate-op", "preset-op"):
         assert "retryPolicy" not in leaves[name], name
+
+
+def test_every_sub_dag_declares_the_parameters_its_tasks_read(tmp_path):
+    """A task inside dsl.If / dsl.Else may only read its sub-DAG's declared inputs (kfp 2.17
+    dropped the GPU count used as an accelerator limit; kfp.local then failed)."""
+    spec, _ = list(
+        yaml.safe_load_all((compiled(tmp_path) / "pipelines" / "guilomo.yaml").read_text())
+    )
+    comps = dict(spec["components"]) | {"root": spec["root"]}
+    for name, comp in comps.items():
+        if "dag" not in comp:
+            continue
+        declared = set(comp.get("inputDefinitions", {}).get("parameters", {}))
+        for task_name, task in comp["dag"]["tasks"].items():
+            for param in task.get("inputs", {}).get("parameters", {}).values():
+                ref = param.get("componentInputParameter")
+                if ref is not None:
+                    assert ref in declared, f"{name}/{task_name} reads undeclared {ref}"
+            text = yaml.safe_dump(task)
+            for ref in re.findall(r"inputs\.parameters\[''([^']+)''\]", text):
+                assert ref in set(task["inputs"]["parameters"]), f"{task_name}: {ref}"
+
+
+@pytest.mark.parametrize(
+    ("stage", "imports", "runs"),
+    [
+        ("sft", {"dataset", "allocation"}, {"sft-op", "evaluate-op"}),
+        ("evaluate", {"dataset", "adapter"}, {"evaluate-op"}),
+        ("allocate", {"dataset", "state"}, {"allocate-op", "sft-op", "evaluate-op"}),
+        ("search", {"dataset"}, {"search-op", "allocate-op", "sft-op", "evaluate-op"}),
+    ],
+)
+def test_rerun_pipeline_imports_upstream_and_runs_only_downstream(tmp_path, stage, imports, runs):
+    uris = {k: f"s3://bucket/run/{k}" for k in ("dataset", "state", "allocation", "adapter")}
+    path = tmp_path / "rerun.yaml"
+    compiler.Compiler().compile(rerun_pipeline(stage, uris), str(path))
+    spec, _ = list(yaml.safe_load_all(path.read_text()))
+    tasks = spec["root"]["dag"]["tasks"]
+    importers = {n for n in tasks if n.startswith("importer")}
+    assert set(tasks) - importers == runs
+    executors = spec["deploymentSpec"]["executors"]
+    imported = {
+        executors[spec["components"][tasks[n]["componentRef"]["name"]]["executorLabel"]][
+            "importer"
+        ]["artifactUri"]["constant"]
+        for n in importers
+    }
+    assert imported == {uris[k] for k in imports}
+
+
+def test_rerun_pipeline_refuses_a_stage_without_its_inputs():
+    with pytest.raises(ValueError, match="allocation"):
+        rerun_pipeline("sft", {"dataset": "s3://b/d"})
+    with pytest.raises(ValueError, match="cannot rerun"):
+        rerun_pipeline("preprocess", {})

@@ -139,30 +139,53 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _stage_preprocess(args: argparse.Namespace) -> int:
+    from .artifacts import read_artifact
+    from .remote import StageIO
     from .stages.preprocess import PreprocessConfig, run_preprocess
 
     cfg = _config_from_args(PreprocessConfig, args, args.config)
-    out = run_preprocess(cfg, args.out, overwrite=args.overwrite)
-    from .artifacts import read_artifact
-
-    m = read_artifact(out)
-    print(f"preprocess: {m.metadata['counts']} -> {out}")
+    with StageIO(args.out, overwrite=args.overwrite) as io:
+        m = read_artifact(run_preprocess(cfg, io.out_path, overwrite=args.overwrite))
+        io.publish()
+    print(f"preprocess: {m.metadata['counts']} -> {args.out}")
     return 0
 
 
+def _stage_checkpoints(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """The local checkpoint folder and, for an s3:// --checkpoints (default: OUT.ckpt, beside
+    an s3:// OUT), the URI it mirrors."""
+    from .remote import checkpoint_folder, is_remote, local_path
+
+    uri = args.checkpoints or args.out.rstrip("/") + ".ckpt"
+    if is_remote(uri):
+        return checkpoint_folder(uri), uri
+    return local_path(uri), None
+
+
 def _stage_search(args: argparse.Namespace) -> int:
+    from .remote import StageIO
     from .stages.search import SearchConfig, run_search_stage
 
     cfg = _config_from_args(SearchConfig, args, args.config)
-    ckpt = args.checkpoints or args.out.with_name(args.out.name + ".ckpt")
-    r = run_search_stage(
-        cfg, dataset=args.dataset, out=args.out, checkpoints=ckpt, progress=not args.quiet
-    )
+    with StageIO(args.out, overwrite=True) as io:
+        dataset = io.input(args.dataset, "PreparedDataset")
+        ckpt, ckpt_uri = _stage_checkpoints(args)
+        r = run_search_stage(
+            cfg,
+            dataset=dataset,
+            out=io.out_path,
+            checkpoints=ckpt,
+            checkpoint_uri=ckpt_uri,
+            parents=[args.dataset],
+            progress=not args.quiet,
+        )
+        io.publish()
     print(f"search: {r.steps} steps (resumed from {r.resumed_from}) -> {args.out}")
     return 0
 
 
 def _stage_allocate(args: argparse.Namespace) -> int:
+    from .remote import StageIO
     from .stages.allocate import AllocateConfig, run_allocate
 
     cfg = _config_from_args(AllocateConfig, args, args.config)
@@ -171,9 +194,12 @@ def _stage_allocate(args: argparse.Namespace) -> int:
         if not (args.reference_expert and args.reference_rank):
             raise ValueError("--reference-expert and --reference-rank go together")
         reference = (args.reference_expert, args.reference_rank)
-    alloc, params = run_allocate(
-        cfg, args.out, search=args.search, reference=reference, overwrite=args.overwrite
-    )
+    with StageIO(args.out, overwrite=args.overwrite) as io:
+        search = io.input(args.search, "SearchState")
+        alloc, params = run_allocate(
+            cfg, io.out_path, search=search, reference=reference, overwrite=args.overwrite
+        )
+        io.publish()
     s = alloc.summary()
     print(
         f"allocate: {s['modules']} modules, {s['experts']} experts, total rank {s['total_rank']}, "
@@ -185,22 +211,28 @@ def _stage_allocate(args: argparse.Namespace) -> int:
 
 
 def _stage_sft(args: argparse.Namespace) -> int:
+    from .remote import StageIO
     from .stages.allocate import read_allocation
-    from .stages.sft import SftConfig, init_distributed, run_sft
+    from .stages.sft import SftConfig, _world, init_distributed, run_sft
 
     cfg = _config_from_args(SftConfig, args, args.config)
-    alloc = read_allocation(args.allocation)
-    init_distributed()
-    ckpt = args.checkpoints or args.out.with_name(args.out.name + ".ckpt")
-    r = run_sft(
-        cfg,
-        dataset=args.dataset,
-        allocation=alloc,
-        out=args.out,
-        checkpoints=ckpt,
-        parents=[str(args.dataset), str(args.allocation)],
-        progress=not args.quiet,
-    )
+    with StageIO(args.out, overwrite=True) as io:
+        dataset = io.input(args.dataset, "PreparedDataset")
+        alloc = read_allocation(io.input(args.allocation, "Allocation"))
+        init_distributed()
+        ckpt, ckpt_uri = _stage_checkpoints(args)
+        r = run_sft(
+            cfg,
+            dataset=dataset,
+            allocation=alloc,
+            out=io.out_path,
+            checkpoints=ckpt,
+            checkpoint_uri=ckpt_uri,
+            parents=[args.dataset, args.allocation],
+            progress=not args.quiet,
+        )
+        if _world()[0] == 0:  # under torchrun, rank 0 writes the adapter
+            io.publish()
     print(
         f"sft: {r.steps} steps (resumed from {r.resumed_from}), final loss "
         f"{r.losses[-1]:.4f}, {r.tokens_per_second:,.0f} tokens/s -> {args.out}"
@@ -209,13 +241,18 @@ def _stage_sft(args: argparse.Namespace) -> int:
 
 
 def _stage_evaluate(args: argparse.Namespace) -> int:
+    from .remote import StageIO
     from .stages.evaluate import EvalConfig, run_evaluate
 
     cfg = _config_from_args(EvalConfig, args, args.config)
-    parents = [str(args.dataset)] + ([str(args.adapter)] if args.adapter else [])
-    report = run_evaluate(
-        cfg, dataset=args.dataset, out=args.out, adapter=args.adapter, parents=parents
-    )
+    with StageIO(args.out, overwrite=True) as io:
+        dataset = io.input(args.dataset, "PreparedDataset")
+        adapter = io.input(args.adapter, "Adapter")
+        parents = [args.dataset] + ([args.adapter] if args.adapter else [])
+        report = run_evaluate(
+            cfg, dataset=dataset, out=io.out_path, adapter=adapter, parents=parents
+        )
+        io.publish()
     print(
         f"evaluate: accuracy {report['accuracy']:.4f} ({report['correct']}/{report['total']}), "
         f"failures {report.get('failures', 0)} -> {args.out}"
@@ -233,13 +270,17 @@ def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
     stage = sub.add_parser(
         "stage",
         help="run one pipeline stage without Kubeflow",
-        description="Run one stage as plain Python. Each writes a verified artifact folder "
-        "(payload + manifest.json, published atomically).",
+        description="Run one stage as plain Python. Each writes a verified artifact "
+        "(payload + manifest.json, published atomically). Every artifact URI (--dataset, "
+        "--allocation, --search, --adapter, --out, --checkpoints) is a local folder or "
+        "s3://bucket/prefix; S3 is configured by AWS_ENDPOINT_URL, AWS_REGION, "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY. S3 inputs are cached under "
+        "$GUILOMO_CACHE (default ~/.cache/guilomo).",
     )
     stages = stage.add_subparsers(dest="stage", required=True, metavar="NAME")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, help="YAML file of options (flags override it)")
-    common.add_argument("--out", type=Path, required=True, help="artifact folder to write")
+    common.add_argument("--out", required=True, help="artifact to write: folder or s3:// URI")
 
     specs = [
         (
@@ -283,15 +324,21 @@ def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
             name, parents=[common], help=text.split(";")[0].split(".")[0], description=text
         )
         if name in ("search", "sft", "evaluate"):
-            p.add_argument("--dataset", type=Path, required=True, help="PreparedDataset folder")
+            p.add_argument("--dataset", required=True, help="PreparedDataset: folder or s3:// URI")
         if name in ("search", "sft"):
-            p.add_argument("--checkpoints", type=Path, help="checkpoint folder (default: OUT.ckpt)")
+            p.add_argument(
+                "--checkpoints",
+                help="checkpoint folder, or an s3:// URI the stage pushes every checkpoint to and "
+                "resumes from (default: OUT.ckpt)",
+            )
         if name == "sft":
-            p.add_argument("--allocation", type=Path, required=True, help="Allocation folder")
+            p.add_argument("--allocation", required=True, help="Allocation: folder or s3:// URI")
         if name == "evaluate":
-            p.add_argument("--adapter", type=Path, help="Adapter folder (omit for the base model)")
+            p.add_argument(
+                "--adapter", help="Adapter: folder or s3:// URI (omit for the base model)"
+            )
         if name == "allocate":
-            p.add_argument("--search", type=Path, help="SearchState folder")
+            p.add_argument("--search", help="SearchState: folder or s3:// URI")
             p.add_argument("--reference-expert", type=Path, help="the reference code's expert.json")
             p.add_argument("--reference-rank", type=Path, help="the reference code's rank.json")
         if name in ("preprocess", "allocate"):
@@ -351,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
     _add_stage_parsers(sub)
+    from .cli_runs import add_run_parsers
+
+    add_run_parsers(sub)
     comp = sub.add_parser(
         "compile",
         help="write the KFP component and pipeline YAML",
@@ -385,7 +435,12 @@ def _parse_preset(text: str) -> str | list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides may follow options (`rerun sft --from RUN sft.lr=1e-4`)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.parse_args(argv)  # exits 2 with argparse's message
     try:
         if getattr(args, "preset", None) is not None:
             args.preset = _parse_preset(args.preset)

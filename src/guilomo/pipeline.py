@@ -21,74 +21,77 @@ IMAGE = f"guilomo:{__version__}"  # a versioned tag, never `latest`; `guilomo im
 GPU_STAGES = ("search", "sft", "evaluate", "evaluate-base")
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def preprocess_op(config: dict, dataset: Output[Dataset]):  # noqa: ANN201
-    from pathlib import Path
-
-    from guilomo.stages.preprocess import PreprocessConfig, run_preprocess
-
-    run_preprocess(PreprocessConfig.model_validate(config), Path(dataset.path), overwrite=True)
+# Every component takes the MLflow parent run id and the KFP run / task ids (placeholders
+# resolved at run time), and calls its task in `guilomo.tasks`, where all the logic lives.
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def search_op(config: dict, dataset: Input[Dataset], state: Output[Artifact]):  # noqa: ANN201
-    from pathlib import Path
+def preprocess_op(  # noqa: ANN201
+    config: dict, dataset: Output[Dataset], parent_run_id: str, kfp_run: str, kfp_task: str
+):
+    from guilomo.tasks import Io, Tracking, preprocess_task
 
-    from guilomo.stages.search import SearchConfig, run_search_stage
+    preprocess_task(config, Io.of(dataset), Tracking(parent_run_id, kfp_run, kfp_task))
 
-    out = Path(state.path)
-    run_search_stage(
-        SearchConfig.model_validate(config),
-        dataset=Path(dataset.path),
-        out=out,
-        checkpoints=out.with_name(out.name + ".ckpt"),
-        progress=False,
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def search_op(  # noqa: ANN201
+    config: dict,
+    dataset: Input[Dataset],
+    state: Output[Artifact],
+    parent_run_id: str,
+    kfp_run: str,
+    kfp_task: str,
+    gpus: int,
+    checkpoint_root: str,
+):
+    from guilomo.tasks import Io, Tracking, search_task
+
+    tracking = Tracking(parent_run_id, kfp_run, kfp_task, gpus, checkpoint_root)
+    search_task(config, Io.of(dataset), Io.of(state), tracking)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def allocate_op(  # noqa: ANN201
+    config: dict,
+    state: Input[Artifact],
+    allocation: Output[Artifact],
+    parent_run_id: str,
+    kfp_run: str,
+    kfp_task: str,
+):
+    from guilomo.tasks import Io, Tracking, allocate_task
+
+    allocate_task(
+        config, Io.of(state), Io.of(allocation), Tracking(parent_run_id, kfp_run, kfp_task)
     )
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def allocate_op(config: dict, state: Input[Artifact], allocation: Output[Artifact]):  # noqa: ANN201
-    from pathlib import Path
+def preset_op(  # noqa: ANN201
+    config: dict, allocation: Output[Artifact], parent_run_id: str, kfp_run: str, kfp_task: str
+):
+    from guilomo.tasks import Io, Tracking, allocate_task
 
-    from guilomo.stages.allocate import AllocateConfig, run_allocate
-
-    run_allocate(
-        AllocateConfig.model_validate(config),
-        Path(allocation.path),
-        search=Path(state.path),
-        overwrite=True,
-    )
-
-
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def preset_op(config: dict, allocation: Output[Artifact]):  # noqa: ANN201
-    from pathlib import Path
-
-    from guilomo.stages.allocate import AllocateConfig, run_allocate
-
-    run_allocate(AllocateConfig.model_validate(config), Path(allocation.path), overwrite=True)
+    allocate_task(config, None, Io.of(allocation), Tracking(parent_run_id, kfp_run, kfp_task))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def sft_op(  # noqa: ANN201
-    config: dict, dataset: Input[Dataset], allocation: Input[Artifact], adapter: Output[Model]
+    config: dict,
+    dataset: Input[Dataset],
+    allocation: Input[Artifact],
+    adapter: Output[Model],
+    parent_run_id: str,
+    kfp_run: str,
+    kfp_task: str,
+    gpus: int,
+    checkpoint_root: str,
 ):
-    from pathlib import Path
+    from guilomo.tasks import Io, Tracking, sft_task
 
-    from guilomo.stages.allocate import read_allocation
-    from guilomo.stages.sft import SftConfig, init_distributed, run_sft
-
-    init_distributed()
-    out = Path(adapter.path)
-    run_sft(
-        SftConfig.model_validate(config),
-        dataset=Path(dataset.path),
-        allocation=read_allocation(Path(allocation.path)),
-        out=out,
-        checkpoints=out.with_name(out.name + ".ckpt"),
-        parents=[dataset.uri, allocation.uri],
-        progress=False,
-    )
+    tracking = Tracking(parent_run_id, kfp_run, kfp_task, gpus, checkpoint_root)
+    sft_task(config, Io.of(dataset), Io.of(allocation), Io.of(adapter), tracking)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -98,36 +101,34 @@ def evaluate_op(  # noqa: ANN201
     adapter: Input[Model],
     report: Output[Artifact],
     metrics: Output[Metrics],
+    parent_run_id: str,
+    kfp_run: str,
+    kfp_task: str,
+    gpus: int,
 ):
-    from pathlib import Path
+    from guilomo.tasks import Io, Tracking, evaluate_task
 
-    from guilomo.stages.evaluate import EvalConfig, run_evaluate
-
-    result = run_evaluate(
-        EvalConfig.model_validate(config),
-        dataset=Path(dataset.path),
-        out=Path(report.path),
-        adapter=Path(adapter.path),
-        parents=[dataset.uri, adapter.uri],
-    )
+    tracking = Tracking(parent_run_id, kfp_run, kfp_task, gpus)
+    result = evaluate_task(config, Io.of(dataset), Io.of(adapter), Io.of(report), tracking)
     metrics.log_metric("accuracy", result["accuracy"])
     metrics.log_metric("total", result["total"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate_base_op(  # noqa: ANN201
-    config: dict, dataset: Input[Dataset], report: Output[Artifact], metrics: Output[Metrics]
+    config: dict,
+    dataset: Input[Dataset],
+    report: Output[Artifact],
+    metrics: Output[Metrics],
+    parent_run_id: str,
+    kfp_run: str,
+    kfp_task: str,
+    gpus: int,
 ):
-    from pathlib import Path
+    from guilomo.tasks import Io, Tracking, evaluate_task
 
-    from guilomo.stages.evaluate import EvalConfig, run_evaluate
-
-    result = run_evaluate(
-        EvalConfig.model_validate(config),
-        dataset=Path(dataset.path),
-        out=Path(report.path),
-        parents=[dataset.uri],
-    )
+    tracking = Tracking(parent_run_id, kfp_run, kfp_task, gpus)
+    result = evaluate_task(config, Io.of(dataset), None, Io.of(report), tracking)
     metrics.log_metric("accuracy", result["accuracy"])
     metrics.log_metric("total", result["total"])
 
@@ -153,6 +154,19 @@ def _on_gpu(task: dsl.PipelineTask, name: str, gpus, node_selector, tolerations)
     return task
 
 
+def _on_cpu(task: dsl.PipelineTask, name: str):
+    return task.set_display_name(name).set_caching_options(True)
+
+
+def _ids(parent_run_id) -> dict:  # noqa: ANN001
+    """Tracking arguments of every task: the MLflow parent run, the KFP run and task ids."""
+    return {
+        "parent_run_id": parent_run_id,
+        "kfp_run": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        "kfp_task": dsl.PIPELINE_TASK_ID_PLACEHOLDER,
+    }
+
+
 @dsl.pipeline(
     name="guilomo",
     description="GuiLoMo: preprocess -> GSV search -> allocation -> LoRA-MoE SFT -> evaluation",
@@ -168,49 +182,160 @@ def guilomo_pipeline(  # noqa: ANN201
     gpu_count: int = 1,
     gpu_node_selector: dict = {},  # noqa: B006
     gpu_tolerations: list = [],  # noqa: B006
+    mlflow_parent_run_id: str = "",
+    checkpoint_root: str = "",
 ):
     """use_preset: skip the search and train the preset in allocate_config (the MoLA
-    baseline); evaluate_base: also evaluate the untuned base model (the baseline row)."""
-    prep = preprocess_op(config=preprocess_config).set_display_name("preprocess")
-    prep.set_caching_options(True)
-    with dsl.If(use_preset == True, name="preset-allocation"):  # noqa: E712 (KFP condition)
-        preset = preset_op(config=allocate_config).set_display_name("allocate (preset)")
-        preset.set_caching_options(True)
-    with dsl.Else(name="searched-allocation"):
-        search = _on_gpu(
-            search_op(config=search_config, dataset=prep.outputs["dataset"]),
-            "search",
-            gpu_count,
-            gpu_node_selector,
-            gpu_tolerations,
+    baseline); evaluate_base: also evaluate the untuned base model (the baseline row);
+    mlflow_parent_run_id: the MLflow run each stage's child run hangs under ('' = untracked);
+    checkpoint_root: where search and SFT mirror their checkpoints ('' = pod-local only)."""
+    ids = _ids(mlflow_parent_run_id)
+    gpu = {"gpus": gpu_count}
+    pool = (gpu_count, gpu_node_selector, gpu_tolerations)
+    prep = _on_cpu(preprocess_op(config=preprocess_config, **ids), "preprocess")
+    dataset = prep.outputs["dataset"]
+
+    def train_and_evaluate(allocation) -> None:  # noqa: ANN001
+        # Called in both branches: kfp.local cannot join them with dsl.OneOf (kfp 2.17).
+        sft = _on_gpu(
+            sft_op(
+                config=sft_config,
+                dataset=dataset,
+                allocation=allocation,
+                checkpoint_root=checkpoint_root,
+                **gpu,
+                **ids,
+            ),
+            "sft",
+            *pool,
         )
-        alloc = allocate_op(config=allocate_config, state=search.outputs["state"])
-        alloc.set_display_name("allocate").set_caching_options(True)
-    allocation = dsl.OneOf(preset.outputs["allocation"], alloc.outputs["allocation"])
-    sft = _on_gpu(
-        sft_op(config=sft_config, dataset=prep.outputs["dataset"], allocation=allocation),
-        "sft",
-        gpu_count,
-        gpu_node_selector,
-        gpu_tolerations,
-    )
-    _on_gpu(
-        evaluate_op(
-            config=evaluate_config, dataset=prep.outputs["dataset"], adapter=sft.outputs["adapter"]
-        ),
-        "evaluate",
-        gpu_count,
-        gpu_node_selector,
-        gpu_tolerations,
-    )
+        _on_gpu(
+            evaluate_op(
+                config=evaluate_config,
+                dataset=dataset,
+                adapter=sft.outputs["adapter"],
+                **gpu,
+                **ids,
+            ),
+            "evaluate",
+            *pool,
+        )
+
+    with dsl.If(use_preset == True, name="preset-allocation"):  # noqa: E712 (KFP condition)
+        preset = _on_cpu(preset_op(config=allocate_config, **ids), "allocate (preset)")
+        train_and_evaluate(preset.outputs["allocation"])
+    with dsl.Else(name="searched-allocation"):
+        # `gpus` is also a plain argument: it carries gpu_count into this sub-DAG, which the
+        # accelerator limit alone does not (kfp 2.17 omits it from the sub-DAG's inputs).
+        search = _on_gpu(
+            search_op(
+                config=search_config,
+                dataset=dataset,
+                checkpoint_root=checkpoint_root,
+                **gpu,
+                **ids,
+            ),
+            "search",
+            *pool,
+        )
+        alloc = _on_cpu(
+            allocate_op(config=allocate_config, state=search.outputs["state"], **ids), "allocate"
+        )
+        train_and_evaluate(alloc.outputs["allocation"])
     with dsl.If(evaluate_base == True, name="baseline"):  # noqa: E712
         _on_gpu(
-            evaluate_base_op(config=evaluate_config, dataset=prep.outputs["dataset"]),
+            evaluate_base_op(config=evaluate_config, dataset=dataset, **gpu, **ids),
             "evaluate (base)",
-            gpu_count,
-            gpu_node_selector,
-            gpu_tolerations,
+            *pool,
         )
+
+
+#: The stages `guilomo rerun` can start from, in DAG order, and the upstream artifacts each
+#: imports from the earlier run (by the output names the stages record).
+RERUN_IMPORTS = {
+    "search": ("dataset",),
+    "allocate": ("dataset", "state"),
+    "preset": ("dataset",),
+    "sft": ("dataset", "allocation"),
+    "evaluate": ("dataset", "adapter"),
+}
+_ARTIFACT_CLASS = {"dataset": Dataset, "state": Artifact, "allocation": Artifact, "adapter": Model}
+
+
+def rerun_pipeline(stage: str, uris: dict[str, str]):  # noqa: ANN201
+    """A pipeline that runs `stage` and everything downstream of it, importing the upstream
+    artifacts at `uris` (output name -> URI, as an earlier run recorded them) with
+    `dsl.importer`. Its parameters are `guilomo_pipeline`'s, so one run config fits both."""
+    if stage not in RERUN_IMPORTS:
+        raise ValueError(f"cannot rerun {stage!r}; choose one of {', '.join(RERUN_IMPORTS)}")
+    missing = [k for k in RERUN_IMPORTS[stage] if not uris.get(k)]
+    if missing:
+        raise ValueError(f"rerun {stage}: no recorded URI for {', '.join(missing)}")
+
+    def imported(name: str):
+        task = dsl.importer(
+            artifact_uri=uris[name], artifact_class=_ARTIFACT_CLASS[name], reimport=False
+        )
+        task.set_display_name(f"import {name}")
+        return task.output
+
+    @dsl.pipeline(name=f"guilomo-rerun-{stage}", description=f"guilomo: rerun from {stage}")
+    def rerun(
+        preprocess_config: dict = {},  # noqa: B006
+        search_config: dict = {},  # noqa: B006
+        allocate_config: dict = {},  # noqa: B006
+        sft_config: dict = {},  # noqa: B006
+        evaluate_config: dict = {},  # noqa: B006
+        use_preset: bool = False,
+        evaluate_base: bool = False,
+        gpu_count: int = 1,
+        gpu_node_selector: dict = {},  # noqa: B006
+        gpu_tolerations: list = [],  # noqa: B006
+        mlflow_parent_run_id: str = "",
+        checkpoint_root: str = "",
+    ):
+        ids = _ids(mlflow_parent_run_id)
+        gpu = {"gpus": gpu_count}
+        pool = (gpu_count, gpu_node_selector, gpu_tolerations)
+        dataset = imported("dataset")
+        if stage == "search":
+            search = search_op(
+                config=search_config,
+                dataset=dataset,
+                checkpoint_root=checkpoint_root,
+                **gpu,
+                **ids,
+            )
+            state = _on_gpu(search, "search", *pool).outputs["state"]
+        elif stage == "allocate":
+            state = imported("state")
+        if stage in ("search", "allocate"):
+            task = allocate_op(config=allocate_config, state=state, **ids)
+            allocation = _on_cpu(task, "allocate").outputs["allocation"]
+        elif stage == "preset":
+            task = preset_op(config=allocate_config, **ids)
+            allocation = _on_cpu(task, "allocate (preset)").outputs["allocation"]
+        elif stage == "sft":
+            allocation = imported("allocation")
+        if stage != "evaluate":
+            sft = sft_op(
+                config=sft_config,
+                dataset=dataset,
+                allocation=allocation,
+                checkpoint_root=checkpoint_root,
+                **gpu,
+                **ids,
+            )
+            adapter = _on_gpu(sft, "sft", *pool).outputs["adapter"]
+        else:
+            adapter = imported("adapter")
+        _on_gpu(
+            evaluate_op(config=evaluate_config, dataset=dataset, adapter=adapter, **gpu, **ids),
+            "evaluate",
+            *pool,
+        )
+
+    return rerun
 
 
 def compile_all(root: Path) -> list[Path]:

@@ -360,3 +360,51 @@ def gsv_trajectories(state_dir: Path, out_dir: Path) -> list[Path]:
             ax.legend()
         written.append(_save(fig, out_dir / "search_loss.png"))
     return written
+
+
+def loss_curve(losses: Sequence[float], path: Path, *, title: str = "SFT loss") -> Path:
+    """Training loss per optimizer step (``sft_loss.png``)."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=DPI)
+    steps = list(range(1, len(losses) + 1))
+    ax.plot(steps, list(losses), marker="." if len(losses) <= 50 else None)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, Path(path))
+
+
+def expert_load_grid(stats: dict[str, Sequence[float]]) -> tuple[list[str], np.ndarray]:
+    """Module labels (layer order) and a (modules, max experts) grid of routed-token shares;
+    cells past a module's expert count are NaN."""
+    lay = _Layout(list(stats))
+    width = max((len(v) for v in stats.values()), default=0)
+    grid = np.full((len(lay.ordered), width), np.nan)
+    for i, name in enumerate(lay.ordered):
+        grid[i, : len(stats[name])] = stats[name]
+    return [lay.module_label(n) for n in lay.ordered], grid
+
+
+def expert_load(stats: dict[str, Sequence[float]], path: Path) -> Path:
+    """The share of routed tokens each expert of each module received (``expert_load.png``),
+    from `MoeAdapter.router_stats()`. A balanced module with E experts shows 1/E per cell."""
+    if not stats:
+        raise ValueError("no router statistics to plot (the adapter routed no tokens)")
+    labels, grid = expert_load_grid(stats)
+    fig, ax = _tall_figure(len(labels), width=max(5.0, 0.45 * grid.shape[1] + 3.5))
+    _heatmap(
+        fig,
+        ax,
+        grid,
+        labels,
+        [str(j) for j in range(grid.shape[1])],
+        title="Expert load (share of routed tokens)",
+        xlabel="expert",
+        ylabel="module",
+        cbar_label="share",
+        annotate=len(labels) <= 60 and grid.shape[1] <= 16,
+    )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, Path(path))

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..moe.config import ALL_PROJECTIONS, Allocation, ModuleAllocation, Placement, build_allocation
 from ..moe.search import allocation_parameters, extract_allocation
@@ -143,6 +143,11 @@ class AllocateConfig(BaseModel):
     placement: Placement = Field(default="all", description="preset: all, mlp or mixlora.")
     budget: int | None = Field(default=None, ge=1, description="search: max trainable parameters.")
 
+    @field_validator("preset", mode="before")
+    @classmethod
+    def _preset_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) else value  # YAML reads 2468 as a number
+
 
 def model_modules(base_model: str) -> tuple[list[str], dict[str, tuple[int, int]]]:
     """Module names and linear shapes of a base model, built on the meta device (no weights)."""
@@ -205,8 +210,10 @@ def run_allocate(
     search: Path | None = None,
     reference: tuple[Path, Path] | None = None,
     overwrite: bool = False,
+    parents: Sequence[str] | None = None,
 ) -> tuple[Allocation, int | None]:
-    """Exactly one source: `search` (a SearchState artifact), `config.preset`, or `reference`."""
+    """Exactly one source: `search` (a SearchState artifact), `config.preset`, or `reference`.
+    `parents`: the inputs' URIs for the manifest (default: the local paths given)."""
     from ..artifacts import read_artifact
 
     chosen = [s for s in (search, config.preset, reference) if s is not None]
@@ -214,7 +221,7 @@ def run_allocate(
         raise AllocationInputError(
             "give exactly one of --search, --preset or --reference-expert/--reference-rank"
         )
-    parents: list[str] = []
+    found: list[str] = []
     if search is not None:
         read_artifact(search, kind="SearchState")
         alloc, _ = allocation_from_state(search, budget=config.budget)
@@ -222,7 +229,7 @@ def run_allocate(
 
         doc, _ = read_state(search)
         shapes = {n: tuple(s) for n, s in doc["shapes"].items()}
-        parents = [str(search)]
+        found = [str(search)]
     else:
         names, linear = model_modules(config.base_model)
         if config.preset is not None:
@@ -245,7 +252,9 @@ def run_allocate(
                 module_names=targets,
                 top_k=config.top_k,
             )
-            parents = [str(reference[0]), str(reference[1])]
+            found = [str(reference[0]), str(reference[1])]
         shapes = linear if all(n in linear for n in alloc.modules) else None
-    write_allocation(out, alloc, shapes=shapes, config=config, parents=parents, overwrite=overwrite)
+    if parents is not None:
+        found = list(parents)
+    write_allocation(out, alloc, shapes=shapes, config=config, parents=found, overwrite=overwrite)
     return alloc, allocation_parameters(alloc, shapes) if shapes else None

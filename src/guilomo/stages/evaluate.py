@@ -517,11 +517,15 @@ def run_evaluate(
         from ..models import default_device, load_model
 
         model, tokenizer = load_model(config.base_model, device=default_device())
+    moe = None
     if adapter is not None:
         from ..moe.model import load_adapter
 
-        load_adapter(model, Path(adapter))
+        moe = load_adapter(model, Path(adapter))
+        moe.reset_router_stats()
     report = evaluate(model, tokenizer, records, config, progress=progress)
+    if moe is not None:  # per module, the share of routed tokens each expert received
+        report["expert_load"] = moe.router_stats()
     meta = {
         "accuracy": report["accuracy"],
         "total": report["total"],

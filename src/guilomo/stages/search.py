@@ -6,6 +6,10 @@ its output folder every `checkpoint_every` steps, and resumes from there when th
 holds a checkpoint of the same search. Data order is a seeded permutation per epoch, so
 an interrupted and resumed search equals an uninterrupted one.
 
+With `checkpoint_uri` (e.g. `s3://bucket/runs/42/search`) the checkpoint folder is a working
+copy of one in the object store: pulled at the start, pushed after every save, so a retried
+pod resumes. `on_step(step, metrics)` reports every step's losses (for tracking).
+
 Output folder:
   search_state.safetensors  GSVs ("gsv.<module>.expert" / ".rank"), weights ("w.<name>"),
                             optimiser tensors, RNG state, GSV history ("history.*")
@@ -14,9 +18,10 @@ Output folder:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,10 +36,14 @@ from ..checkpoint import load_optimizer_state, optimizer_state
 from ..moe.config import LossConfig, Placement
 from ..moe.model import MoeAdapter
 from ..moe.search import inject_search, module_shapes
+from ..remote import pull_checkpoints, push_checkpoints
 from .bilevel import Batch, BilevelSearch
 
 STATE_JSON = "search_state.json"
 STATE_TENSORS = "search_state.safetensors"
+
+#: `on_step(step, metrics)`: steps done so far (1-based) and that step's losses.
+StepHook = Callable[[int, dict[str, float]], None]
 
 
 class SearchConfig(BaseModel):
@@ -231,7 +240,12 @@ class SearchRun:
         *,
         stop_after: int | None = None,
         progress: bool = False,
+        on_step: StepHook | None = None,
+        on_checkpoint: Callable[[], None] | None = None,
     ) -> SearchResult:
+        """Search to the end (or to `stop_after`), resuming from `out_dir`. `on_step(step,
+        metrics)` follows every step (metrics: that step's entry of `losses`, less "step");
+        `on_checkpoint()` follows every save to `out_dir`."""
         if not train or not val:
             raise ValueError("the search needs non-empty train and validation splits")
         out_dir = Path(out_dir)
@@ -250,10 +264,16 @@ class SearchRun:
             if step % cfg.history_every == 0 or step == cfg.steps - 1:
                 self.history.append((step, gsv_tensors(self.adapter)))
             bar.set_postfix(train=f"{info['train_loss']:.3f}", val=f"{info['val_loss']:.3f}")
+            if on_step is not None:
+                on_step(step + 1, dict(info))
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
                 self.save(out_dir)
+                if on_checkpoint is not None:
+                    on_checkpoint()
         if start >= end:
             self.save(out_dir)
+            if on_checkpoint is not None:
+                on_checkpoint()
         return SearchResult(
             out_dir=out_dir, steps=self.search.step_count, resumed_from=start, losses=self.losses
         )
@@ -318,12 +338,24 @@ def run_search_stage(
     dataset: Path,
     out: Path,
     checkpoints: Path,
+    checkpoint_uri: str | None = None,
     model: nn.Module | None = None,
     tokenizer: Any = None,
+    parents: Sequence[str] | None = None,
     progress: bool = True,
+    on_step: StepHook | None = None,
 ) -> SearchResult:
     """Search on a PreparedDataset (train split for w, validation split for the GSVs) and
-    publish the state, with GSV plots, as a SearchState artifact."""
+    publish the state, with GSV plots, as a SearchState artifact.
+
+    Args:
+        checkpoints: the local checkpoint folder (resumed from when it holds a state).
+        checkpoint_uri: a store URI (`s3://bucket/prefix` or a folder) mirroring
+            `checkpoints`: pulled before the search, pushed after every save.
+        parents: the dataset's URI for the manifest (default: `dataset` itself).
+        on_step: called after every step with the step number (1-based) and that step's
+            losses (`train_loss`, `val_loss`, ...), as recorded in `SearchResult.losses`.
+    """
     from ..artifacts import ArtifactWriter
     from ..data.prepared import read_split
     from ..plots import gsv_trajectories
@@ -340,7 +372,13 @@ def run_search_stage(
     train = [{k: v.to(device) for k, v in b.items()} for b in train]
     val = [{k: v.to(device) for k, v in b.items()} for b in val]
     run = SearchRun(model, config, base_model=config.base_model)
-    result = run.run(train, val, Path(checkpoints), progress=progress)
+    push = None
+    if checkpoint_uri is not None:
+        pull_checkpoints(checkpoint_uri, Path(checkpoints))
+        push = functools.partial(push_checkpoints, Path(checkpoints), checkpoint_uri)
+    result = run.run(
+        train, val, Path(checkpoints), progress=progress, on_step=on_step, on_checkpoint=push
+    )
     meta = {
         "steps": result.steps,
         "modules": len(run.shapes),
@@ -351,7 +389,7 @@ def run_search_stage(
         kind="SearchState",
         stage="search",
         config=config,
-        parents=[str(dataset)],
+        parents=[str(dataset)] if parents is None else list(parents),
         metadata=meta,
         overwrite=True,
     ) as tmp:

@@ -6,16 +6,22 @@ into the configured batch; the data order is a seeded function of the step, and 
 run restarted with the same arguments continues to the same result. Under `torchrun` each
 process takes its share of every batch and gradients are averaged across processes
 (gloo on CPU, NCCL on GPUs). The result is an `Adapter` artifact.
+
+With `checkpoint_uri` (e.g. `s3://bucket/runs/42/sft`) the local checkpoint folder is a
+working copy of one in the object store: it is pulled at the start (a retried pod resumes
+where the last one stopped) and pushed after every checkpoint save. `on_step(step, metrics)`
+is called on rank 0 after every optimiser step (loss, learning rate, tokens per second).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,11 +38,15 @@ from ..data.prepared import read_split
 from ..data.prompts import collate, length_grouped_batches, load_template, tokenize_example
 from ..moe.config import Allocation, LossConfig, MoeConfig, RouterConfig
 from ..moe.model import MoeAdapter, inject_adapter
+from ..remote import pull_checkpoints, push_checkpoints
 from .bilevel import linear_schedule
 
 CKPT_TENSORS = "trainer_state.safetensors"
 CKPT_JSON = "trainer_state.json"
 ADAPTER_TENSORS = "adapter_model.safetensors"
+
+#: `on_step(step, metrics)`: the optimiser steps done so far (1-based) and that step's metrics.
+StepHook = Callable[[int, dict[str, float]], None]
 
 
 class SftConfig(BaseModel):
@@ -238,8 +248,16 @@ class SftTrainer:
 
     # -- training ----------------------------------------------------------------------
     def train(
-        self, ckpt_dir: Path | None, *, stop_after: int | None = None, progress: bool = True
+        self,
+        ckpt_dir: Path | None,
+        *,
+        stop_after: int | None = None,
+        progress: bool = True,
+        on_step: StepHook | None = None,
+        on_checkpoint: Callable[[], None] | None = None,
     ) -> SftResult:
+        """Train to the end (or to `stop_after`). On rank 0, `on_step(step, metrics)` follows
+        every optimiser step and `on_checkpoint()` every checkpoint save."""
         start = self.step
         end = self.steps if stop_after is None else min(self.steps, stop_after)
         self.model.train()
@@ -250,6 +268,8 @@ class SftTrainer:
         )
         for step in bar:
             mine = self.schedule[step][self.rank :: self.world]
+            lr = float(self.opt.param_groups[0]["lr"])  # the rate this step applies
+            step_tokens, t_step = 0, time.perf_counter()
             step_loss = torch.zeros((), device=device)
             for idx in mine:
                 batch = {
@@ -261,7 +281,7 @@ class SftTrainer:
                 loss = out.loss if aux is None else out.loss + aux
                 (loss / len(mine)).backward()
                 step_loss += out.loss.detach() / len(mine)
-                tokens += int(batch["attention_mask"].sum())
+                step_tokens += int(batch["attention_mask"].sum())
             if self.world > 1:
                 for p in self.params:
                     dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
@@ -271,13 +291,21 @@ class SftTrainer:
             self.opt.zero_grad(set_to_none=True)
             self.step = step + 1
             self.losses.append(float(step_loss))
+            tokens += step_tokens
             rate = tokens * self.world / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{self.losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
+            if on_step is not None and self.rank == 0:
+                step_rate = step_tokens * self.world / max(time.perf_counter() - t_step, 1e-9)
+                on_step(
+                    self.step, {"loss": self.losses[-1], "lr": lr, "tokens_per_second": step_rate}
+                )
             if ckpt_dir is not None and (
                 self.step % self.config.checkpoint_every == 0 or self.step == end
             ):
                 if self.rank == 0:
                     self.save_checkpoint(ckpt_dir)
+                    if on_checkpoint is not None:
+                        on_checkpoint()
                 if self.world > 1:
                     dist.barrier()
         elapsed = max(time.perf_counter() - t0, 1e-9)
@@ -299,11 +327,23 @@ def run_sft(
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
     checkpoints: Path | None = None,
+    checkpoint_uri: str | None = None,
     parents: Sequence[str] = (),
     stop_after: int | None = None,
     progress: bool = True,
+    on_step: StepHook | None = None,
 ) -> SftResult:
-    """Train and write the Adapter artifact to `out` (checkpoints in `checkpoints`)."""
+    """Train and write the Adapter artifact to `out` (checkpoints in `checkpoints`).
+
+    Args:
+        checkpoint_uri: a store URI (`s3://bucket/prefix` or a folder) that mirrors the
+            `checkpoints` folder: pulled before training (resume), pushed after every save.
+        parents: the URIs of the dataset and allocation, recorded in the manifest.
+        on_step: called on rank 0 after every optimiser step with the step number (1-based)
+            and `{"loss", "lr", "tokens_per_second"}` of that step.
+    """
+    if checkpoint_uri is not None and checkpoints is None:
+        raise ValueError("checkpoint_uri mirrors a local folder: give `checkpoints` as well")
     records = read_split(Path(dataset), "train")
     if model is None:
         from ..models import default_device, load_model
@@ -311,10 +351,21 @@ def run_sft(
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
         model, tokenizer = load_model(config.base_model, dtype=dtype, device=default_device())
     trainer = SftTrainer(config, allocation, model, tokenizer, records)
+    push = None
+    if checkpoint_uri is not None:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per machine
+            pull_checkpoints(checkpoint_uri, Path(checkpoints))
+        if trainer.world > 1:
+            dist.barrier()
+        push = functools.partial(push_checkpoints, Path(checkpoints), checkpoint_uri)
     if checkpoints is not None:
         trainer.load_checkpoint(Path(checkpoints))
     result = trainer.train(
-        Path(checkpoints) if checkpoints else None, stop_after=stop_after, progress=progress
+        Path(checkpoints) if checkpoints else None,
+        stop_after=stop_after,
+        progress=progress,
+        on_step=on_step,
+        on_checkpoint=push,
     )
     result.out = Path(out)
     if trainer.step < trainer.steps or trainer.rank != 0:

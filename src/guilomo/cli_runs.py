@@ -1,0 +1,155 @@
+"""`guilomo run | submit | rerun | lineage`: whole pipeline runs (see `guilomo.runs`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+_CONFIG_HELP = (
+    "run config YAML (default: the demo, pipelines/configs/demo.yaml); sections preprocess, "
+    "search, allocate, sft, evaluate take the options of `guilomo stage NAME --help`"
+)
+_OVERRIDE_HELP = "overrides of the config, dotted: sft.max_steps=10 use_preset=true"
+
+
+def _print_summary(summary, heading: str) -> None:  # noqa: ANN001
+    from .runs import summary_table
+
+    print(f"\n{heading}")
+    print(summary_table(summary))
+    print(
+        f"\nMLflow parent run {summary.parent_run_id} at {summary.tracking_uri} "
+        f"({summary.seconds:.0f}s in all)"
+    )
+    if summary.tracking_uri.startswith("sqlite:"):
+        print(f"browse it: mlflow ui --backend-store-uri {summary.tracking_uri}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runs import load_run_config, run_local
+
+    cfg = load_run_config(args.config, args.overrides)
+    summary = run_local(cfg, root=args.root)
+    _print_summary(summary, f"guilomo run {cfg.name}: done")
+    return 0
+
+
+def _rerun(args: argparse.Namespace) -> int:
+    from .runs import load_run_config, recorded_config, rerun_plan, run_local, submit
+    from .tracking import resolve_pipeline_run
+
+    if args.host is None:
+        from .runs import default_tracking
+
+        default_tracking(args.root)
+    earlier = resolve_pipeline_run(args.from_run, experiment=args.experiment)
+    stage, imports = rerun_plan(earlier, args.stage)
+    base = recorded_config(earlier)
+    cfg = load_run_config(args.config, args.overrides, base=None if args.config else base)
+    for name, uri in imports.items():
+        print(f"rerun {stage}: importing {name} from {uri}")
+    if args.host:
+        run_id, url, parent = submit(cfg, host=args.host, rerun=(stage, imports, earlier))
+        print(f"submitted KFP run {run_id}: {url}" + (f" (MLflow run {parent})" if parent else ""))
+        return 0
+    summary = run_local(cfg, root=args.root, rerun=(stage, imports, earlier))
+    _print_summary(summary, f"guilomo rerun {stage} --from {earlier}: done")
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from .runs import load_run_config, submit
+
+    cfg = load_run_config(args.config, args.overrides)
+    run_id, url, parent = submit(cfg, host=args.host)
+    print(f"submitted KFP run {run_id}: {url}")
+    print(
+        f"MLflow parent run {parent}"
+        if parent
+        else "untracked: set MLFLOW_TRACKING_URI to the cluster's MLflow server to track it"
+    )
+    return 0
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    from .runs import default_tracking, lineage, render_lineage
+
+    default_tracking(args.root)
+    rec, tree = lineage(args.run, experiment=args.experiment)
+    score = " ".join(
+        f"{k} {rec.metrics[k]:.4f}" for k in ("accuracy", "acc_norm") if k in rec.metrics
+    )
+    total = int(rec.metrics.get("total", 0))
+    print(f"score: {score} on {total} questions (MLflow run {rec.run_id})")
+    print("\n".join(render_lineage(tree)))
+    return 0
+
+
+def add_run_parsers(sub: argparse._SubParsersAction) -> None:
+    root_help = "local folder for artifacts (kfp/) and the MLflow sqlite store (mlflow.db)"
+    run = sub.add_parser(
+        "run",
+        help="run the whole pipeline on this machine (the demo when given no config)",
+        description=(
+            "Run the five-stage DAG on this machine through kfp.local (the same pipeline "
+            "function the cluster runs; each task is a subprocess). Every stage logs an MLflow "
+            "child run under one parent run: to MLFLOW_TRACKING_URI when set, else to "
+            "ROOT/mlflow.db. Ends with a table of stage, time, key metrics, artifact and run."
+        ),
+    )
+    run.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    run.add_argument("--root", type=Path, default=Path("runs/pipeline"), help=root_help)
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
+    run.set_defaults(func=_run)
+
+    submit = sub.add_parser(
+        "submit",
+        help="compile the pipeline and submit it to a Kubeflow Pipelines endpoint",
+        description=(
+            "Submit the DAG with the run config's arguments to Kubeflow Pipelines (kfp.Client) "
+            "and print the run's URL. With MLFLOW_TRACKING_URI set, the MLflow parent run is "
+            "opened first and its id passed to every task. GPU pool: gpu_count, "
+            "gpu_node_selector and gpu_tolerations in the config."
+        ),
+    )
+    submit.add_argument(
+        "--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui"
+    )
+    submit.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
+    submit.set_defaults(func=_submit, root=Path("runs/pipeline"))
+
+    rerun = sub.add_parser(
+        "rerun",
+        help="rerun one stage and everything downstream, reusing an earlier run's artifacts",
+        description=(
+            "Rerun STAGE (search, allocate, sft or evaluate) and the stages after it. The "
+            "upstream artifacts are imported (dsl.importer) from the URIs the earlier run "
+            "recorded in MLflow, and its run config is reused unless --config is given; "
+            "KEY=VALUE overrides apply on top. Runs locally, or on the cluster with --host."
+        ),
+    )
+    rerun.add_argument("stage", metavar="STAGE", help="search, allocate, sft or evaluate")
+    rerun.add_argument(
+        "--from", dest="from_run", required=True, metavar="RUN", help="MLflow parent run id or name"
+    )
+    rerun.add_argument("--config", type=Path, help="run config YAML (default: the earlier run's)")
+    rerun.add_argument("--root", type=Path, default=Path("runs/pipeline"), help=root_help)
+    rerun.add_argument("--host", help="submit to this KFP endpoint instead of running locally")
+    rerun.add_argument("--experiment", default="guilomo", help="MLflow experiment of RUN's name")
+    rerun.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
+    rerun.set_defaults(func=_rerun)
+
+    lin = sub.add_parser(
+        "lineage",
+        help="trace a run's evaluation score back to its dataset digest",
+        description=(
+            "Print the chain from RUN's evaluation score to the data it came from: every "
+            "artifact's URI, kind, digest, config hash and code version, read from the "
+            "artifacts' manifests."
+        ),
+    )
+    lin.add_argument("run", metavar="RUN", help="MLflow parent run id or name")
+    lin.add_argument("--root", type=Path, default=Path("runs/pipeline"), help=root_help)
+    lin.add_argument("--experiment", default="guilomo", help="MLflow experiment of RUN's name")
+    lin.set_defaults(func=_lineage)

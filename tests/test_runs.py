@@ -1,0 +1,309 @@
+"""Whole runs: `guilomo run` (kfp.local) tracked in a real MLflow server, `rerun`, `lineage`,
+`submit` (against a stand-in KFP API server), and run-config errors."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_llama, tiny_tokenizer
+from guilomo.artifacts import read_artifact
+from guilomo.runs import RunConfig, load_run_config
+from servers import MlflowServer, free_ports
+
+GUILOMO = str(Path(sys.executable).parent / "guilomo")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def guilomo(*args, env=None, timeout=900):
+    """The CLI in a subprocess; `env` values of None unset the variable."""
+    full = {**os.environ, **OFFLINE, **(env or {})}
+    full = {k: v for k, v in full.items() if v is not None}
+    return subprocess.run(
+        [GUILOMO, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=full
+    )
+
+
+def tiny_config(base: Path) -> dict:
+    return {
+        "name": "tiny",
+        "base_model": str(base),
+        "preprocess": {"datasets": ["sciq"], "max_train": 32, "max_eval": 8, "seed": 1},
+        "search": {
+            "steps": 3,
+            "batch_size": 4,
+            "cutoff": 64,
+            "max_experts": 4,
+            "max_rank": 4,
+            "warmup_steps": 1,
+            "checkpoint_every": 2,
+        },
+        "allocate": {"top_k": 2, "experts": 2, "rank": 4},
+        "sft": {
+            "max_steps": 3,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "cutoff": 64,
+            "warmup_steps": 1,
+            "checkpoint_every": 2,
+        },
+        "evaluate": {"mode": "loglik", "batch_size": 8},
+        "gpu_count": 0,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), initializer_range=0.2, num_hidden_layers=2)
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(root / "base")))
+    return root, path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def parent_id(stdout: str) -> str:
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("MLflow parent run "))
+    return line.split()[3]
+
+
+def children(client: MlflowClient, parent: str) -> dict:
+    run = client.get_run(parent)
+    found = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+    )
+    return {r.data.tags["guilomo.stage"]: r for r in found}
+
+
+# ------------------------------------------------------------------ run config
+
+
+def test_run_config_sections_are_checked_against_the_stage_configs(tmp_path):
+    cfg = load_run_config(None, ["sft.max_steps=7", "use_preset=true", "allocate.preset=2468"])
+    assert cfg.sft["max_steps"] == 7 and cfg.use_preset
+    assert cfg.search["base_model"] == cfg.base_model == "smollm2-135m"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft: {max_stepz: 3}\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: sft\.max_stepz: Extra inputs"):
+        load_run_config(bad)
+    with pytest.raises(ValueError, match="allocate.preset is not set"):
+        load_run_config(None, ["use_preset=true"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_run_config(None, ["sft.max_steps"])
+
+
+def test_pipeline_arguments_drop_nulls_without_changing_the_configs():
+    cfg = load_run_config(None)
+    args = cfg.pipeline_arguments("abc")
+    assert args["mlflow_parent_run_id"] == "abc"
+    assert "path" not in args["preprocess_config"]  # None is not a KFP struct value
+    assert (
+        RunConfig.model_validate(
+            {"base_model": cfg.base_model, "preprocess": args["preprocess_config"]}
+        ).preprocess
+        == cfg.preprocess
+    )
+
+
+def test_bad_run_config_exits_2_naming_file_and_field(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("gpu_count: many\n")
+    r = guilomo("run", "--config", bad, "--root", tmp_path / "root")
+    assert r.returncode == 2
+    assert f"{bad}: gpu_count" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "root" / "kfp").exists()
+
+
+def test_unreachable_tracking_server_stops_the_run_before_any_stage(tmp_path, tiny):
+    _, config = tiny
+    port = free_ports(1)[0]
+    start = time.monotonic()
+    r = guilomo(
+        "run",
+        "--config",
+        config,
+        "--root",
+        tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "kfp").exists()
+
+
+# ------------------------------------------------------------------ whole runs
+
+
+@pytest.mark.slow
+def test_run_rerun_and_lineage_tracked_on_a_real_mlflow_server(tmp_path, tiny, server):
+    _, config = tiny
+    env = {"MLFLOW_TRACKING_URI": server.uri}
+    r = guilomo("run", "--config", config, "--root", tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    first = parent_id(r.stdout)
+    table = r.stdout[r.stdout.index("stage ") :]
+    for stage in ("preprocess", "search", "allocate", "sft", "evaluate", "evaluate-base"):
+        assert f"\n{stage} " in table
+
+    client = MlflowClient(server.uri)
+    kids = children(client, first)
+    assert set(kids) == {"preprocess", "search", "allocate", "sft", "evaluate", "evaluate-base"}
+    assert all(k.info.status == "FINISHED" for k in kids.values())
+    assert client.get_run(first).info.status == "FINISHED"
+
+    sft = kids["sft"]
+    assert sft.data.params["max_steps"] == "3"
+    assert len(client.get_metric_history(sft.info.run_id, "loss")) == 3
+    dataset_uri = kids["preprocess"].data.tags["guilomo.output.dataset"]
+    alloc_uri = kids["allocate"].data.tags["guilomo.output.allocation"]
+    inputs = {d.dataset.name: d.dataset for d in sft.inputs.dataset_inputs}
+    assert inputs["dataset"].source and dataset_uri in inputs["dataset"].source
+    assert (
+        inputs["dataset"].digest
+        == read_artifact(Path(dataset_uri)).digest[: len(inputs["dataset"].digest)]
+    )
+    assert (
+        inputs["allocation"].digest
+        == read_artifact(Path(alloc_uri)).digest[: len(inputs["allocation"].digest)]
+    )
+    models = client.search_logged_models(experiment_ids=[sft.info.experiment_id])
+    assert any(m.source_run_id == sft.info.run_id for m in models)
+    plots = {
+        f.path
+        for stage in ("allocate", "search", "sft", "evaluate")
+        for f in client.list_artifacts(kids[stage].info.run_id, "plots")
+    }
+    assert {"plots/allocation_experts.png", "plots/sft_loss.png", "plots/expert_load.png"} <= plots
+
+    # rerun sft: only sft and evaluate are computed again, on the old allocation
+    r = guilomo("rerun", "sft", "--from", first, "--root", tmp_path, "sft.lr=5e-4", env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    second = parent_id(r.stdout)
+    again = children(client, second)
+    assert set(again) == {"sft", "evaluate"}
+    assert again["sft"].data.tags["guilomo.input.allocation"] == alloc_uri
+    assert again["sft"].data.params["lr"] == "0.0005"
+    assert client.get_run(second).data.tags["guilomo.rerun_of"] == first
+
+    r = guilomo("lineage", second, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    new_report = again["evaluate"].data.tags["guilomo.output.report"]
+    assert new_report in r.stdout and alloc_uri in r.stdout
+    assert read_artifact(Path(dataset_uri)).digest in r.stdout
+    assert f"accuracy {again['evaluate'].data.metrics['accuracy']:.4f}" in r.stdout
+
+
+@pytest.mark.slow
+def test_preset_run_skips_the_search_and_tracks_in_a_local_sqlite_store(tmp_path, tiny):
+    _, config = tiny
+    r = guilomo(
+        "run",
+        "--config",
+        config,
+        "--root",
+        tmp_path,
+        "use_preset=true",
+        "allocate.preset=uniform",
+        "evaluate_base=false",
+        env={"MLFLOW_TRACKING_URI": None},
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert (tmp_path / "mlflow.db").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    kids = children(client, parent_id(r.stdout))
+    assert set(kids) == {"preprocess", "preset", "sft", "evaluate"}
+    alloc = read_artifact(Path(kids["preset"].data.tags["guilomo.output.allocation"]))
+    assert alloc.kind == "Allocation"
+
+
+# ------------------------------------------------------------------ submit
+
+
+class _FakeKfp(BaseHTTPRequestHandler):
+    """Answers the KFP v2beta1 API calls kfp.Client makes to submit a run; records them."""
+
+    calls: list = []
+
+    def _send(self, doc):
+        body = json.dumps(doc).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.calls.append(("GET", self.path, None))
+        self._send({"multi_user": False} if "healthz" in self.path else {})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        self.calls.append(("POST", self.path, body))
+        if self.path.endswith("/experiments"):
+            self._send({"experiment_id": "exp-1", "display_name": body["display_name"]})
+        else:
+            self._send({"run_id": "run-42", "display_name": body.get("display_name")})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_submit_sends_the_dag_with_the_configs_gpu_pool(tmp_path, server):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeKfp)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    host = f"http://127.0.0.1:{srv.server_port}"
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "gpu_count": 2,
+                "gpu_node_selector": {"pool": "a100"},
+                "gpu_tolerations": [{"key": "gpu", "operator": "Exists"}],
+                "sft": {"max_steps": 5},
+            }
+        )
+    )
+    try:
+        r = guilomo(
+            "submit", "--host", host, "--config", config, env={"MLFLOW_TRACKING_URI": server.uri}
+        )
+    finally:
+        srv.shutdown()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{host}/#/runs/details/run-42" in r.stdout
+    (body,) = [b for m, p, b in _FakeKfp.calls if m == "POST" and p.endswith("/runs")]
+    params = body["runtime_config"]["parameters"]
+    assert params["gpu_count"] == 2 and params["gpu_node_selector"] == {"pool": "a100"}
+    assert params["sft_config"]["max_steps"] == 5
+    assert body["experiment_id"] == "exp-1"
+    assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "guilomo"
+    parent = params["mlflow_parent_run_id"]
+    run = MlflowClient(server.uri).get_run(parent)
+    assert run.data.tags["kfp.run_id"] == "run-42"
+    assert run.data.params["sft.max_steps"] == "5"
+
+
+def test_submit_to_an_unreachable_endpoint_exits_2(tmp_path):
+    port = free_ports(1)[0]
+    r = guilomo("submit", "--host", f"http://127.0.0.1:{port}", env={"MLFLOW_TRACKING_URI": None})
+    assert r.returncode == 2
+    assert f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
