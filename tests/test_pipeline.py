@@ -60,14 +60,26 @@ def test_gpu_settings_only_on_gpu_stages_and_no_credentials(tmp_path):
         "exec-preset-op",
     }
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(k8s) == with_gpu
-    for ex in k8s.values():
-        assert "nodeSelector" in ex and "tolerations" in ex
+    assert set(k8s) == set(executors)
+    for name, ex in k8s.items():
+        on_gpu = name in with_gpu
+        assert ("nodeSelector" in ex) == on_gpu and ("tolerations" in ex) == on_gpu, name
+        # every pod: the chart's ConfigMap and the S3 Secret as environment, both optional
+        (cm,) = ex["configMapAsEnv"]
+        assert cm["configMapName"] == "guilomo-env" and cm["optional"] is True
+        assert {e["envVar"] for e in cm["keyToEnv"]} >= {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"}
+        (secret,) = ex["secretAsEnv"]
+        assert {e["envVar"] for e in secret["keyToEnv"]} == {
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        }
     for ex in executors.values():
         assert ":latest" not in ex["container"]["image"]
     lowered = text.lower()
-    for word in ("aws_secret", "secret_access_key", "password", "token="):
+    for word in ("password", "token="):
         assert word not in lowered
+    # the S3 key is only ever named, as the Secret key mapped to its env var (two per pod)
+    assert lowered.count("aws_secret_access_key") == 2 * len(executors)
 
 
 def test_caching_and_retries(tmp_path):

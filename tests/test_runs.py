@@ -20,6 +20,7 @@ from guilomo.runs import RunConfig, load_run_config
 from servers import MlflowServer, free_ports
 
 GUILOMO = str(Path(sys.executable).parent / "guilomo")
+SECRET, KEY = "s3cr3t-VALUE-123", "AKIA-TEST-KEY-ID-987"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -157,7 +158,10 @@ def test_unreachable_tracking_server_stops_the_run_before_any_stage(tmp_path, ti
 def test_run_rerun_and_lineage_tracked_on_a_real_mlflow_server(tmp_path, tiny, server):
     _, config = tiny
     env = {"MLFLOW_TRACKING_URI": server.uri}
-    r = guilomo("run", "--config", config, "--root", tmp_path, env=env)
+    ckpt_root = tmp_path / "checkpoints"  # a store URI: a folder here, s3:// on a cluster
+    r = guilomo(
+        "run", "--config", config, "--root", tmp_path, f"checkpoint_root={ckpt_root}", env=env
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     first = parent_id(r.stdout)
     table = r.stdout[r.stdout.index("stage ") :]
@@ -169,6 +173,13 @@ def test_run_rerun_and_lineage_tracked_on_a_real_mlflow_server(tmp_path, tiny, s
     assert set(kids) == {"preprocess", "search", "allocate", "sft", "evaluate", "evaluate-base"}
     assert all(k.info.status == "FINISHED" for k in kids.values())
     assert client.get_run(first).info.status == "FINISHED"
+
+    kfp_runs = {k.data.tags["kfp.run_id"] for k in kids.values()}
+    assert len(kfp_runs) == 1 and "" not in kfp_runs
+    assert len({k.data.tags["kfp.task_id"] for k in kids.values()}) == len(kids)
+    (kfp_run,) = kfp_runs
+    for stage in ("search", "sft"):  # mirrored while running, under the KFP run id
+        assert (ckpt_root / kfp_run / stage / "sync.json").is_file()
 
     sft = kids["sft"]
     assert sft.data.params["max_steps"] == "3"
@@ -224,13 +235,24 @@ def test_preset_run_skips_the_search_and_tracks_in_a_local_sqlite_store(tmp_path
         "use_preset=true",
         "allocate.preset=uniform",
         "evaluate_base=false",
-        env={"MLFLOW_TRACKING_URI": None},
+        env={
+            "MLFLOW_TRACKING_URI": None,
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_ACCESS_KEY_ID": KEY,
+        },
     )
     assert r.returncode == 0, r.stderr[-4000:]
     assert (tmp_path / "mlflow.db").is_file()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    kids = children(client, parent_id(r.stdout))
+    parent = parent_id(r.stdout)
+    kids = children(client, parent)
     assert set(kids) == {"preprocess", "preset", "sft", "evaluate"}
+    # credentials in the environment reach no log line, MLflow param or tag
+    for text in (r.stdout, r.stderr):
+        assert SECRET not in text and KEY not in text
+    for run in [client.get_run(parent), *kids.values()]:
+        for value in [*run.data.params.values(), *run.data.tags.values()]:
+            assert SECRET not in value and KEY not in value
     alloc = read_artifact(Path(kids["preset"].data.tags["guilomo.output.allocation"]))
     assert alloc.kind == "Allocation"
 
@@ -282,15 +304,61 @@ def test_submit_sends_the_dag_with_the_configs_gpu_pool(tmp_path, server):
             }
         )
     )
+    pools = tmp_path / "gpu-pools.yaml"  # as `kubectl get configmap guilomo-gpu-pools` gives
+    pools.write_text(
+        yaml.safe_dump(
+            {
+                "default": "a100",
+                "pools": {
+                    "a100": {"gpuCount": 2, "nodeSelector": {"pool": "a100"}},
+                    "h100": {"gpuCount": 8, "nodeSelector": {"pool": "h100"}},
+                },
+            }
+        )
+    )
+    image = "registry.example/guilomo@sha256:" + "ab" * 32
     try:
         r = guilomo(
-            "submit", "--host", host, "--config", config, env={"MLFLOW_TRACKING_URI": server.uri}
+            "submit",
+            "--host",
+            host,
+            "--config",
+            config,
+            "--image",
+            image,
+            "--service-account",
+            "guilomo-pipeline",
+            env={"MLFLOW_TRACKING_URI": server.uri},
         )
+        r2 = guilomo(
+            "submit",
+            "--host",
+            host,
+            "--config",
+            config,
+            "--gpu-pool",
+            "h100",
+            "--gpu-pools",
+            pools,
+            env={"MLFLOW_TRACKING_URI": None},
+        )
+        r3 = guilomo("submit", "--host", host, "--gpu-pool", "t4", "--gpu-pools", pools, env={})
     finally:
         srv.shutdown()
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r3.returncode == 2 and "'t4'" in r3.stderr and "a100, h100" in r3.stderr
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{host}/#/runs/details/run-42" in r.stdout
-    (body,) = [b for m, p, b in _FakeKfp.calls if m == "POST" and p.endswith("/runs")]
+    body, body2 = [b for m, p, b in _FakeKfp.calls if m == "POST" and p.endswith("/runs")]
+    assert body["service_account"] == "guilomo-pipeline"
+    images = {
+        ex["container"]["image"]
+        for ex in body["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"].values()
+    }
+    assert images == {image}
+    params2 = body2["runtime_config"]["parameters"]
+    assert params2["gpu_count"] == 8 and params2["gpu_node_selector"] == {"pool": "h100"}
+    assert params2["mlflow_parent_run_id"] == ""  # untracked without MLFLOW_TRACKING_URI
     params = body["runtime_config"]["parameters"]
     assert params["gpu_count"] == 2 and params["gpu_node_selector"] == {"pool": "a100"}
     assert params["sft_config"]["max_steps"] == 5

@@ -399,8 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     _add_stage_parsers(sub)
     from .cli_runs import add_run_parsers
+    from .images import add_image_parsers
 
     add_run_parsers(sub)
+    add_image_parsers(sub)
     comp = sub.add_parser(
         "compile",
         help="write the KFP component and pipeline YAML",

@@ -61,7 +61,18 @@ def _submit(args: argparse.Namespace) -> int:
     from .runs import load_run_config, submit
 
     cfg = load_run_config(args.config, args.overrides)
-    run_id, url, parent = submit(cfg, host=args.host)
+    if args.gpu_pool:
+        from .cluster import load_gpu_pool
+
+        pool = load_gpu_pool(args.gpu_pools, args.gpu_pool)
+        cfg = load_run_config(None, [], base=cfg.model_dump(mode="json") | pool)
+    run_id, url, parent = submit(
+        cfg,
+        host=args.host,
+        image=args.image,
+        namespace=args.namespace,
+        service_account=args.service_account,
+    )
     print(f"submitted KFP run {run_id}: {url}")
     print(
         f"MLflow parent run {parent}"
@@ -116,6 +127,24 @@ def add_run_parsers(sub: argparse._SubParsersAction) -> None:
         "--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui"
     )
     submit.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    submit.add_argument(
+        "--image", help="image for every task instead of guilomo:<version> (tag or @sha256 digest)"
+    )
+    submit.add_argument("--namespace", help="KFP namespace (multi-user installs)")
+    submit.add_argument(
+        "--service-account",
+        help="service account of the pipeline pods (the chart's: guilomo-pipeline)",
+    )
+    submit.add_argument(
+        "--gpu-pool", help="a GPU pool from --gpu-pools: its node selector, tolerations, GPU count"
+    )
+    submit.add_argument(
+        "--gpu-pools",
+        type=Path,
+        default=Path("gpu-pools.yaml"),
+        help="the chart's pool list: kubectl get configmap guilomo-gpu-pools "
+        "-o jsonpath='{.data.gpu-pools\\.yaml}' > gpu-pools.yaml",
+    )
     submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
     submit.set_defaults(func=_submit, root=Path("runs/pipeline"))
 

@@ -144,7 +144,27 @@ COMPONENTS = {
 }
 
 
-def _on_gpu(task: dsl.PipelineTask, name: str, gpus, node_selector, tolerations):  # noqa: ANN001
+#: Environment of every pipeline pod, from the chart (charts/guilomo): the ConfigMap holds the
+#: MLflow URI, S3 endpoint and region, image and checkpoint root; the Secret (named by the
+#: `s3_secret` pipeline parameter) the S3 keys. Both optional, so pods start without them.
+ENV_CONFIG_MAP = "guilomo-env"
+ENV_KEYS = (
+    "MLFLOW_TRACKING_URI",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "GUILOMO_IMAGE",
+    "GUILOMO_CHECKPOINT_ROOT",
+)
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def _env(task: dsl.PipelineTask, s3_secret) -> None:  # noqa: ANN001
+    kubernetes.use_config_map_as_env(task, ENV_CONFIG_MAP, {k: k for k in ENV_KEYS}, optional=True)
+    kubernetes.use_secret_as_env(task, s3_secret, {k: k for k in SECRET_KEYS}, optional=True)
+
+
+def _on_gpu(task: dsl.PipelineTask, name: str, gpus, node_selector, tolerations, s3_secret):  # noqa: ANN001
+    _env(task, s3_secret)
     task.set_display_name(name)
     task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
     kubernetes.add_node_selector_json(task, node_selector)
@@ -154,7 +174,8 @@ def _on_gpu(task: dsl.PipelineTask, name: str, gpus, node_selector, tolerations)
     return task
 
 
-def _on_cpu(task: dsl.PipelineTask, name: str):
+def _on_cpu(task: dsl.PipelineTask, name: str, s3_secret):  # noqa: ANN001
+    _env(task, s3_secret)
     return task.set_display_name(name).set_caching_options(True)
 
 
@@ -184,15 +205,17 @@ def guilomo_pipeline(  # noqa: ANN201
     gpu_tolerations: list = [],  # noqa: B006
     mlflow_parent_run_id: str = "",
     checkpoint_root: str = "",
+    s3_secret: str = "guilomo-s3",
 ):
     """use_preset: skip the search and train the preset in allocate_config (the MoLA
     baseline); evaluate_base: also evaluate the untuned base model (the baseline row);
     mlflow_parent_run_id: the MLflow run each stage's child run hangs under ('' = untracked);
-    checkpoint_root: where search and SFT mirror their checkpoints ('' = pod-local only)."""
+    checkpoint_root: where search and SFT mirror their checkpoints ('' = the chart's
+    GUILOMO_CHECKPOINT_ROOT, else pod-local only); s3_secret: the Secret with the S3 keys."""
     ids = _ids(mlflow_parent_run_id)
     gpu = {"gpus": gpu_count}
-    pool = (gpu_count, gpu_node_selector, gpu_tolerations)
-    prep = _on_cpu(preprocess_op(config=preprocess_config, **ids), "preprocess")
+    pool = (gpu_count, gpu_node_selector, gpu_tolerations, s3_secret)
+    prep = _on_cpu(preprocess_op(config=preprocess_config, **ids), "preprocess", s3_secret)
     dataset = prep.outputs["dataset"]
 
     def train_and_evaluate(allocation) -> None:  # noqa: ANN001
@@ -222,7 +245,7 @@ def guilomo_pipeline(  # noqa: ANN201
         )
 
     with dsl.If(use_preset == True, name="preset-allocation"):  # noqa: E712 (KFP condition)
-        preset = _on_cpu(preset_op(config=allocate_config, **ids), "allocate (preset)")
+        preset = _on_cpu(preset_op(config=allocate_config, **ids), "allocate (preset)", s3_secret)
         train_and_evaluate(preset.outputs["allocation"])
     with dsl.Else(name="searched-allocation"):
         # `gpus` is also a plain argument: it carries gpu_count into this sub-DAG, which the
@@ -239,7 +262,9 @@ def guilomo_pipeline(  # noqa: ANN201
             *pool,
         )
         alloc = _on_cpu(
-            allocate_op(config=allocate_config, state=search.outputs["state"], **ids), "allocate"
+            allocate_op(config=allocate_config, state=search.outputs["state"], **ids),
+            "allocate",
+            s3_secret,
         )
         train_and_evaluate(alloc.outputs["allocation"])
     with dsl.If(evaluate_base == True, name="baseline"):  # noqa: E712
@@ -293,10 +318,11 @@ def rerun_pipeline(stage: str, uris: dict[str, str]):  # noqa: ANN201
         gpu_tolerations: list = [],  # noqa: B006
         mlflow_parent_run_id: str = "",
         checkpoint_root: str = "",
+        s3_secret: str = "guilomo-s3",
     ):
         ids = _ids(mlflow_parent_run_id)
         gpu = {"gpus": gpu_count}
-        pool = (gpu_count, gpu_node_selector, gpu_tolerations)
+        pool = (gpu_count, gpu_node_selector, gpu_tolerations, s3_secret)
         dataset = imported("dataset")
         if stage == "search":
             search = search_op(
@@ -311,10 +337,10 @@ def rerun_pipeline(stage: str, uris: dict[str, str]):  # noqa: ANN201
             state = imported("state")
         if stage in ("search", "allocate"):
             task = allocate_op(config=allocate_config, state=state, **ids)
-            allocation = _on_cpu(task, "allocate").outputs["allocation"]
+            allocation = _on_cpu(task, "allocate", s3_secret).outputs["allocation"]
         elif stage == "preset":
             task = preset_op(config=allocate_config, **ids)
-            allocation = _on_cpu(task, "allocate (preset)").outputs["allocation"]
+            allocation = _on_cpu(task, "allocate (preset)", s3_secret).outputs["allocation"]
         elif stage == "sft":
             allocation = imported("allocation")
         if stage != "evaluate":

@@ -71,6 +71,9 @@ class RunConfig(BaseModel):
         "", description="s3://bucket/prefix where search and SFT mirror their checkpoints."
     )
     experiment: str = Field("guilomo", description="MLflow experiment.")
+    s3_secret: str = Field(
+        "guilomo-s3", description="Kubernetes Secret with the S3 keys (cluster runs)."
+    )
 
     @model_validator(mode="after")
     def _check_stages(self) -> RunConfig:
@@ -107,6 +110,7 @@ class RunConfig(BaseModel):
             "gpu_tolerations": self.gpu_tolerations,
             "mlflow_parent_run_id": parent_run_id,
             "checkpoint_root": self.checkpoint_root,
+            "s3_secret": self.s3_secret,
         }
 
 
@@ -463,14 +467,24 @@ def submit(
     host: str,
     rerun: tuple[str, dict[str, str], str] | None = None,
     root: Path = Path("runs/pipeline"),
+    image: str | None = None,
+    namespace: str | None = None,
+    service_account: str | None = None,
 ) -> tuple[str, str, str]:
     """Submit the DAG (or a rerun DAG) to the KFP endpoint `host`. With MLFLOW_TRACKING_URI
-    set, the parent run is opened first and tagged with the KFP run id. Returns (KFP run id,
-    run URL, MLflow parent run id or '')."""
+    set, the parent run is opened first and tagged with the KFP run id. `image` replaces the
+    compiled `guilomo:<version>` (e.g. `registry/guilomo@sha256:...`, as `guilomo image push`
+    prints). Returns (KFP run id, run URL, MLflow parent run id or '')."""
+    import tempfile
+
     import kfp
+    from kfp import compiler
     from mlflow.tracking import MlflowClient
 
-    from .pipeline import guilomo_pipeline, rerun_pipeline
+    from .pipeline import IMAGE, guilomo_pipeline, rerun_pipeline
+
+    if image is not None and (not image or image.endswith(":latest")):
+        raise ValueError(f"--image {image!r}: give a versioned tag or a digest, never latest")
 
     parent = ""
     tags = {"guilomo.mode": "cluster", "guilomo.kfp_host": host}
@@ -481,23 +495,31 @@ def submit(
     if os.environ.get("MLFLOW_TRACKING_URI"):
         parent = open_parent_run(cfg, root=root, tags=tags, imports=imports)
     pipeline = guilomo_pipeline if rerun is None else rerun_pipeline(rerun[0], imports)
-    try:
-        client = kfp.Client(host=host)
-        result = client.create_run_from_pipeline_func(
-            pipeline,
-            arguments=cfg.pipeline_arguments(parent),
-            run_name=f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}",
-            experiment_name=cfg.experiment,
-        )
-    except Exception as exc:  # connection, auth and API errors alike
-        if parent:
-            from .tracking import end_pipeline_run
+    with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp) / "pipeline.yaml"
+        compiler.Compiler().compile(pipeline, str(package))
+        if image:
+            text = package.read_text()
+            package.write_text(text.replace(f"image: {IMAGE}\n", f"image: {image}\n"))
+        try:
+            client = kfp.Client(host=host, **({"namespace": namespace} if namespace else {}))
+            result = client.create_run_from_pipeline_package(
+                str(package),
+                arguments=cfg.pipeline_arguments(parent),
+                run_name=f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}",
+                experiment_name=cfg.experiment,
+                namespace=namespace,
+                service_account=service_account,
+            )
+        except Exception as exc:  # connection, auth and API errors alike
+            if parent:
+                from .tracking import end_pipeline_run
 
-            end_pipeline_run(parent, "FAILED")
-        raise ValueError(
-            f"{host}: submitting to Kubeflow Pipelines failed ({type(exc).__name__}: "
-            f"{str(exc)[:300]}); check the URL and that the KFP API answers"
-        ) from None
+                end_pipeline_run(parent, "FAILED")
+            raise ValueError(
+                f"{host}: submitting to Kubeflow Pipelines failed ({type(exc).__name__}: "
+                f"{str(exc)[:300]}); check the URL and that the KFP API answers"
+            ) from None
     url = f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
     if parent:
         MlflowClient().set_tag(parent, "kfp.run_id", result.run_id)

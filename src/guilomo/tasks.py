@@ -25,6 +25,8 @@ from .tracking import StageTracker
 
 #: Environment variable with the image the task runs in (set by the chart / `guilomo image`).
 IMAGE_ENV = "GUILOMO_IMAGE"
+#: Default checkpoint root when the pipeline passes none (set by the chart's ConfigMap).
+CHECKPOINT_ROOT_ENV = "GUILOMO_CHECKPOINT_ROOT"
 #: Metric each task logs: seconds inside the stage's own `run_*` (model load and compute),
 #: against which `benchmarks/pipeline.py` measures process start, imports, storage, tracking.
 COMPUTE = "compute_seconds"
@@ -66,9 +68,10 @@ class Tracking:
     def checkpoint_uri(self, stage: str) -> str | None:
         """Where a long stage mirrors its checkpoints: `<root>/<kfp run>/<stage>`, stable
         across retries of the same run, so a retried pod resumes."""
-        if not self.checkpoint_root:
+        root = self.checkpoint_root or os.environ.get(CHECKPOINT_ROOT_ENV, "")
+        if not root:
             return None
-        return f"{self.checkpoint_root.rstrip('/')}/{self.kfp_run or 'local'}/{stage}"
+        return f"{root.rstrip('/')}/{self.kfp_run or 'local'}/{stage}"
 
     def tracker(self, stage: str, config: Any, inputs: dict[str, Io]) -> StageTracker:
         return StageTracker(
@@ -151,8 +154,76 @@ def allocate_task(config: dict, state: Io | None, out: Io, tracking: Tracking) -
     return params
 
 
-def sft_task(config: dict, dataset: Io, allocation: Io, out: Io, tracking: Tracking) -> float:
+def torchrun_command(task: str, nproc: int, args_file: Path) -> list[str]:
+    """The command that reruns `task` on `nproc` processes of this node (one per GPU)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "guilomo.tasks",
+        task,
+        str(args_file),
+    ]
+
+
+def _under_torchrun(task: str, nproc: int, **kwargs: Any) -> None:
+    """Run `task` again under torchrun with the same arguments (JSON in a temporary file);
+    a failed rank fails the task."""
+    import json
+    import subprocess
     import tempfile
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Io):
+            return {"path": str(v.path), "uri": v.uri}
+        if isinstance(v, Tracking):
+            return {"tracking": v.__dict__}
+        return v
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args_file = Path(tmp) / "args.json"
+        args_file.write_text(json.dumps({k: plain(v) for k, v in kwargs.items()}))
+        cmd = torchrun_command(task, nproc, args_file)
+        _say(f"{task}: {nproc} processes: {' '.join(cmd)}")
+        code = subprocess.run(cmd, check=False).returncode
+    if code != 0:
+        raise RuntimeError(f"{task} under torchrun failed with exit code {code}; see the log above")
+
+
+def _from_args_file(path: Path) -> dict[str, Any]:
+    import json
+
+    def typed(v: Any) -> Any:
+        if isinstance(v, dict) and set(v) == {"path", "uri"}:
+            return Io(Path(v["path"]), v["uri"])
+        if isinstance(v, dict) and set(v) == {"tracking"}:
+            return Tracking(**v["tracking"])
+        return v
+
+    return {k: typed(v) for k, v in json.loads(Path(path).read_text()).items()}
+
+
+def sft_task(config: dict, dataset: Io, allocation: Io, out: Io, tracking: Tracking) -> float:
+    """With `tracking.gpus` > 1 (and not yet under torchrun), the task runs itself again under
+    torchrun, one process per GPU of the node (DDP); rank 0 tracks and writes the adapter."""
+    import tempfile
+
+    from .artifacts import read_artifact
+
+    if (tracking.gpus or 0) > 1 and "WORLD_SIZE" not in os.environ:
+        _under_torchrun(
+            "sft",
+            int(tracking.gpus),
+            config=config,
+            dataset=dataset,
+            allocation=allocation,
+            out=out,
+            tracking=tracking,
+        )
+        return float(read_artifact(out.path).metadata["final_loss"])
 
     from .plots import loss_curve
     from .stages.allocate import read_allocation
@@ -226,3 +297,9 @@ def evaluate_task(
                 )
     _say(f"{stage}: accuracy {report['accuracy']:.4f} ({report['total']} questions) -> {out.uri}")
     return report
+
+
+TASKS = {"sft": sft_task}
+
+if __name__ == "__main__":  # one rank of `torchrun_command`
+    TASKS[sys.argv[1]](**_from_args_file(Path(sys.argv[2])))
