@@ -375,3 +375,35 @@ def test_submit_to_an_unreachable_endpoint_exits_2(tmp_path):
     r = guilomo("submit", "--host", f"http://127.0.0.1:{port}", env={"MLFLOW_TRACKING_URI": None})
     assert r.returncode == 2
     assert f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_failed_task_ends_the_run_with_its_log_tail_and_exit_1(tmp_path, tiny):
+    _, config = tiny
+    r = guilomo(
+        "run",
+        "--config",
+        config,
+        "--root",
+        tmp_path,
+        f"base_model={tmp_path / 'no-such-model'}",  # fails when a task reads it
+        "evaluate_base=false",
+        "use_preset=true",  # the preset allocate task (CPU, no retries) is the first to read it
+        "allocate.preset=uniform",
+        env={"MLFLOW_TRACKING_URI": None},
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "a pipeline task failed" in r.stderr and "no-such-model" in r.stderr
+    (log,) = (tmp_path / "logs").glob("*.log")
+    assert str(log) in r.stderr
+    text = log.read_text()
+    assert "Got executor_input" in text  # the full task output is in the log ...
+    assert "Got executor_input" not in r.stdout  # ... not on the console
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs(
+        [client.get_experiment_by_name("guilomo").experiment_id],
+        filter_string="tags.`guilomo.kind` = 'pipeline'",
+    )[0]
+    assert run.info.status == "FAILED"
+    kids = children(client, run.info.run_id)
+    assert kids["preprocess"].info.status == "FINISHED"
+    assert kids["preset"].info.status == "FAILED"

@@ -13,6 +13,7 @@ from . import __version__
 from .artifacts import ArtifactError
 from .moe.config import Placement, RouterKind
 from .moe.model import AdapterError
+from .runs import PipelineFailed
 
 EXIT_BAD_INPUT = 2
 
@@ -451,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         name = args.command + (f" {args.stage}" if getattr(args, "stage", None) else "")
         print(f"guilomo {name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except PipelineFailed as exc:  # a task of a local run failed; the message has its log
+        print(f"guilomo {args.command}: a pipeline task failed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,13 +9,17 @@ _CONFIG_HELP = (
     "run config YAML (default: the demo, pipelines/configs/demo.yaml); sections preprocess, "
     "search, allocate, sft, evaluate take the options of `guilomo stage NAME --help`"
 )
+_VERBOSE_HELP = (
+    "show every task's full output (default: the stage lines; all of it goes to "
+    "ROOT/logs/<run>.log)"
+)
 _OVERRIDE_HELP = "overrides of the config, dotted: sft.max_steps=10 use_preset=true"
 
 
 def _print_summary(summary, heading: str) -> None:  # noqa: ANN001
     from .runs import summary_table
 
-    print(f"\n{heading}")
+    print(f"\n{heading}" + (f" (log: {summary.log_path})" if summary.log_path else ""))
     print(summary_table(summary))
     print(
         f"\nMLflow parent run {summary.parent_run_id} at {summary.tracking_uri} "
@@ -29,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     from .runs import load_run_config, run_local
 
     cfg = load_run_config(args.config, args.overrides)
-    summary = run_local(cfg, root=args.root)
+    summary = run_local(cfg, root=args.root, verbose=args.verbose)
     _print_summary(summary, f"guilomo run {cfg.name}: done")
     return 0
 
@@ -52,7 +56,7 @@ def _rerun(args: argparse.Namespace) -> int:
         run_id, url, parent = submit(cfg, host=args.host, rerun=(stage, imports, earlier))
         print(f"submitted KFP run {run_id}: {url}" + (f" (MLflow run {parent})" if parent else ""))
         return 0
-    summary = run_local(cfg, root=args.root, rerun=(stage, imports, earlier))
+    summary = run_local(cfg, root=args.root, rerun=(stage, imports, earlier), verbose=args.verbose)
     _print_summary(summary, f"guilomo rerun {stage} --from {earlier}: done")
     return 0
 
@@ -110,6 +114,7 @@ def add_run_parsers(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--config", type=Path, help=_CONFIG_HELP)
     run.add_argument("--root", type=Path, default=Path("runs/pipeline"), help=root_help)
+    run.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
     run.set_defaults(func=_run)
 
@@ -166,6 +171,7 @@ def add_run_parsers(sub: argparse._SubParsersAction) -> None:
     rerun.add_argument("--root", type=Path, default=Path("runs/pipeline"), help=root_help)
     rerun.add_argument("--host", help="submit to this KFP endpoint instead of running locally")
     rerun.add_argument("--experiment", default="guilomo", help="MLflow experiment of RUN's name")
+    rerun.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     rerun.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
     rerun.set_defaults(func=_rerun)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -232,6 +233,7 @@ class RunSummary:
     records: list[Any] = field(default_factory=list)
     tracking_uri: str = ""
     ok: bool = True
+    log_path: Path | None = None
 
 
 def run_local(
@@ -239,6 +241,7 @@ def run_local(
     *,
     root: Path,
     rerun: tuple[str, dict[str, str], str] | None = None,
+    verbose: bool = False,
 ) -> RunSummary:
     """Run the DAG on this machine through kfp.local (each task a subprocess, artifacts under
     `root/kfp`). `rerun` = (stage, upstream URIs, earlier parent run id): run only `stage`
@@ -262,13 +265,76 @@ def run_local(
         raise_on_error=True,
     )
     pipeline = guilomo_pipeline if rerun is None else rerun_pipeline(rerun[0], imports)
+    log_path = root / "logs" / f"{parent}.log"
     start, ok = time.monotonic(), False
     try:
-        pipeline(**cfg.pipeline_arguments(parent))
+        with _console(log_path, verbose=verbose):
+            pipeline(**cfg.pipeline_arguments(parent))
         ok = True
+    except RuntimeError as exc:  # kfp.local: a task failed (its output is in the log)
+        raise PipelineFailed(
+            f"{exc}\nthe whole log: {log_path}\n--- its last lines ---\n{_tail(log_path)}"
+        ) from None
     finally:
         end_pipeline_run(parent, "FINISHED" if ok else "FAILED")
-    return RunSummary(parent, time.monotonic() - start, stage_records(parent), uri, ok)
+    return RunSummary(parent, time.monotonic() - start, stage_records(parent), uri, ok, log_path)
+
+
+class PipelineFailed(RuntimeError):
+    """A task of a local run failed; the message holds the log's path and its tail."""
+
+
+#: Lines of a local run shown on the console (everything goes to the log file).
+_SHOWN = ("[guilomo]", "finished with status", "Pipeline ", "ERROR", "Error:", "Traceback")
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+@contextmanager
+def _console(log_path: Path, *, verbose: bool) -> Iterator[None]:
+    """Send this process's stdout and stderr (and so the task subprocesses', which inherit
+    them) to `log_path`, echoing only the lines that say what happens (all of them with
+    `verbose`): kfp.local prints every task's full executor input otherwise."""
+    import re
+    import sys
+    import threading
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    read_fd, write_fd = os.pipe()
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "rb") as src, open(log_path, "ab") as log:
+            for raw in src:
+                log.write(raw)
+                log.flush()
+                line = ansi.sub("", raw.decode(errors="replace"))
+                if verbose or (any(k in line for k in _SHOWN) and "Warning" not in line):
+                    os.write(saved_out, line.strip().encode() + b"\n")
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    os.dup2(write_fd, 1)
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved_out, 1)
+        os.dup2(saved_err, 2)  # the pipe's last writer closes: the pump sees EOF
+        thread.join(timeout=10)
+        os.close(saved_out)
+        os.close(saved_err)
 
 
 # ------------------------------------------------------------------ earlier runs
