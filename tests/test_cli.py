@@ -15,7 +15,19 @@ def guilomo(*args, cwd=None):
 
 def test_help_lists_commands():
     r = guilomo("--help")
-    assert r.returncode == 0 and "demo" in r.stdout
+    assert r.returncode == 0
+    for command in ("demo", "stage", "run", "submit", "rerun", "lineage", "compile", "image"):
+        assert command in r.stdout
+    for command, options in [
+        ("run", ("--config", "--root", "--verbose", "KEY=VALUE")),
+        ("submit", ("--host", "--image", "--gpu-pool", "--service-account", "--namespace")),
+        ("rerun", ("--from", "--host", "--config")),
+        ("lineage", ("--experiment",)),
+    ]:
+        r = guilomo(command, "--help")
+        assert r.returncode == 0
+        for option in options:
+            assert option in r.stdout, (command, option)
     r = guilomo("demo", "--help")
     assert r.returncode == 0
     for option in ("--steps", "--preset", "--placement", "--router", "--out"):
