@@ -53,6 +53,18 @@ def test_interrupted_search_resumes_to_the_same_state(tmp_path):
     assert tb["history.expert"].shape == (6, len(doc_b["modules"]), 3)
 
 
+def test_a_search_from_scratch_is_the_same_whatever_the_callers_rng(tmp_path):
+    states = []
+    for i in range(2):
+        model = tiny_llama(num_hidden_layers=2)
+        torch.manual_seed(1000 + i)  # init and dropout must come from config.seed alone
+        SearchRun(model, CFG, base_model="tiny").run(data(0), data(1), tmp_path / str(i))
+        states.append(read_state(tmp_path / str(i))[1])
+    for k in states[0]:
+        if k != "rng":
+            torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=0)
+
+
 def test_state_for_another_model_or_config_is_refused(tmp_path):
     run(tmp_path / "s", stop_after=2)
     with pytest.raises(SearchStateError, match="searched on another model"):

@@ -131,6 +131,7 @@ class SearchRun:
         self.config = config
         self.base_model = base_model
         self.model = model
+        torch.manual_seed(config.seed)  # LoRA / router init and dropout: a rerun is identical
         self.adapter = inject_search(
             model,
             base_model=base_model,
