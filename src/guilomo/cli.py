@@ -13,7 +13,7 @@ from . import __version__
 from .artifacts import ArtifactError
 from .moe.config import Placement, RouterKind
 from .moe.model import AdapterError
-from .runs import PipelineFailed
+from .runs import PipelineFailed, read_yaml
 
 EXIT_BAD_INPUT = 2
 
@@ -94,7 +94,7 @@ def _config_from_args(
 ) -> BaseModel:
     data: dict[str, Any] = {}
     if file is not None:
-        data = _read_yaml(file)
+        data = read_yaml(file)
     for key, value in vars(args).items():
         if key.split(".")[0] not in model.model_fields:
             continue
@@ -118,22 +118,6 @@ def _config_from_args(
         where = ".".join(str(x) for x in err["loc"]) or "(config)"
         source = f"{file}: " if file is not None else ""
         raise ValueError(f"{source}{where}: {err['msg']} (got {err.get('input')!r})") from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from None
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: a config file holds a mapping of option: value")
-    return doc
 
 
 # ------------------------------------------------------------------ stages

@@ -151,7 +151,7 @@ def add_run_parsers(sub: argparse._SubParsersAction) -> None:
         "-o jsonpath='{.data.gpu-pools\\.yaml}' > gpu-pools.yaml",
     )
     submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
-    submit.set_defaults(func=_submit, root=Path("runs/pipeline"))
+    submit.set_defaults(func=_submit)
 
     rerun = sub.add_parser(
         "rerun",

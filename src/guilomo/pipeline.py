@@ -10,7 +10,9 @@ so the GPU pool is chosen at submit time; they retry with backoff. CPU stages ge
 the GPU request nor the GPU toleration, so tainted GPU nodes do not take them.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
@@ -179,13 +181,80 @@ def _on_cpu(task: dsl.PipelineTask, name: str, s3_secret):  # noqa: ANN001
     return task.set_display_name(name).set_caching_options(True)
 
 
-def _ids(parent_run_id) -> dict:  # noqa: ANN001
-    """Tracking arguments of every task: the MLflow parent run, the KFP run and task ids."""
-    return {
-        "parent_run_id": parent_run_id,
-        "kfp_run": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        "kfp_task": dsl.PIPELINE_TASK_ID_PLACEHOLDER,
-    }
+@dataclass(frozen=True)
+class _Dag:
+    """The pipeline parameters the task builders below need (KFP channels)."""
+
+    search_config: Any
+    allocate_config: Any
+    sft_config: Any
+    evaluate_config: Any
+    gpu_count: Any
+    gpu_node_selector: Any
+    gpu_tolerations: Any
+    parent_run_id: Any
+    checkpoint_root: Any
+    s3_secret: Any
+
+    @property
+    def ids(self) -> dict:
+        """Tracking arguments of every task: the MLflow parent run, the KFP run and task."""
+        return {
+            "parent_run_id": self.parent_run_id,
+            "kfp_run": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            "kfp_task": dsl.PIPELINE_TASK_ID_PLACEHOLDER,
+        }
+
+    def gpu(self, task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+        return _on_gpu(
+            task,
+            name,
+            self.gpu_count,
+            self.gpu_node_selector,
+            self.gpu_tolerations,
+            self.s3_secret,
+        )
+
+    # `gpus` is also a plain argument of the GPU tasks: it carries gpu_count into dsl.If
+    # sub-DAGs, which the accelerator limit alone does not (kfp 2.17 omits it from their
+    # inputs), and it sets the number of torchrun processes.
+    def search(self, dataset):  # noqa: ANN001
+        task = search_op(
+            config=self.search_config,
+            dataset=dataset,
+            checkpoint_root=self.checkpoint_root,
+            gpus=self.gpu_count,
+            **self.ids,
+        )
+        return self.gpu(task, "search").outputs["state"]
+
+    def allocate(self, state=None):  # noqa: ANN001
+        """From a search state, or (state None) the preset in allocate_config."""
+        if state is None:
+            task, name = preset_op(config=self.allocate_config, **self.ids), "allocate (preset)"
+        else:
+            task = allocate_op(config=self.allocate_config, state=state, **self.ids)
+            name = "allocate"
+        return _on_cpu(task, name, self.s3_secret).outputs["allocation"]
+
+    def sft(self, dataset, allocation):  # noqa: ANN001
+        task = sft_op(
+            config=self.sft_config,
+            dataset=dataset,
+            allocation=allocation,
+            checkpoint_root=self.checkpoint_root,
+            gpus=self.gpu_count,
+            **self.ids,
+        )
+        return self.gpu(task, "sft").outputs["adapter"]
+
+    def evaluate(self, dataset, adapter=None) -> None:  # noqa: ANN001
+        """The adapter's score, or (adapter None) the untuned base model's."""
+        args = {"config": self.evaluate_config, "dataset": dataset, "gpus": self.gpu_count}
+        if adapter is None:
+            self.gpu(evaluate_base_op(**args, **self.ids), "evaluate (base)")
+        else:
+            self.gpu(evaluate_op(**args, adapter=adapter, **self.ids), "evaluate")
 
 
 @dsl.pipeline(
@@ -212,67 +281,27 @@ def guilomo_pipeline(  # noqa: ANN201
     mlflow_parent_run_id: the MLflow run each stage's child run hangs under ('' = untracked);
     checkpoint_root: where search and SFT mirror their checkpoints ('' = the chart's
     GUILOMO_CHECKPOINT_ROOT, else pod-local only); s3_secret: the Secret with the S3 keys."""
-    ids = _ids(mlflow_parent_run_id)
-    gpu = {"gpus": gpu_count}
-    pool = (gpu_count, gpu_node_selector, gpu_tolerations, s3_secret)
-    prep = _on_cpu(preprocess_op(config=preprocess_config, **ids), "preprocess", s3_secret)
-    dataset = prep.outputs["dataset"]
-
-    def train_and_evaluate(allocation) -> None:  # noqa: ANN001
-        # Called in both branches: kfp.local cannot join them with dsl.OneOf (kfp 2.17).
-        sft = _on_gpu(
-            sft_op(
-                config=sft_config,
-                dataset=dataset,
-                allocation=allocation,
-                checkpoint_root=checkpoint_root,
-                **gpu,
-                **ids,
-            ),
-            "sft",
-            *pool,
-        )
-        _on_gpu(
-            evaluate_op(
-                config=evaluate_config,
-                dataset=dataset,
-                adapter=sft.outputs["adapter"],
-                **gpu,
-                **ids,
-            ),
-            "evaluate",
-            *pool,
-        )
-
+    dag = _Dag(
+        search_config,
+        allocate_config,
+        sft_config,
+        evaluate_config,
+        gpu_count,
+        gpu_node_selector,
+        gpu_tolerations,
+        mlflow_parent_run_id,
+        checkpoint_root,
+        s3_secret,
+    )
+    prep = preprocess_op(config=preprocess_config, **dag.ids)
+    dataset = _on_cpu(prep, "preprocess", s3_secret).outputs["dataset"]
+    # sft and evaluate are built in both branches: kfp.local cannot join them with dsl.OneOf
     with dsl.If(use_preset == True, name="preset-allocation"):  # noqa: E712 (KFP condition)
-        preset = _on_cpu(preset_op(config=allocate_config, **ids), "allocate (preset)", s3_secret)
-        train_and_evaluate(preset.outputs["allocation"])
+        dag.evaluate(dataset, dag.sft(dataset, dag.allocate()))
     with dsl.Else(name="searched-allocation"):
-        # `gpus` is also a plain argument: it carries gpu_count into this sub-DAG, which the
-        # accelerator limit alone does not (kfp 2.17 omits it from the sub-DAG's inputs).
-        search = _on_gpu(
-            search_op(
-                config=search_config,
-                dataset=dataset,
-                checkpoint_root=checkpoint_root,
-                **gpu,
-                **ids,
-            ),
-            "search",
-            *pool,
-        )
-        alloc = _on_cpu(
-            allocate_op(config=allocate_config, state=search.outputs["state"], **ids),
-            "allocate",
-            s3_secret,
-        )
-        train_and_evaluate(alloc.outputs["allocation"])
+        dag.evaluate(dataset, dag.sft(dataset, dag.allocate(dag.search(dataset))))
     with dsl.If(evaluate_base == True, name="baseline"):  # noqa: E712
-        _on_gpu(
-            evaluate_base_op(config=evaluate_config, dataset=dataset, **gpu, **ids),
-            "evaluate (base)",
-            *pool,
-        )
+        dag.evaluate(dataset)
 
 
 #: The stages `guilomo rerun` can start from, in DAG order, and the upstream artifacts each
@@ -306,7 +335,7 @@ def rerun_pipeline(stage: str, uris: dict[str, str]):  # noqa: ANN201
 
     @dsl.pipeline(name=f"guilomo-rerun-{stage}", description=f"guilomo: rerun from {stage}")
     def rerun(
-        preprocess_config: dict = {},  # noqa: B006
+        preprocess_config: dict = {},  # noqa: B006 (the same parameters as guilomo_pipeline)
         search_config: dict = {},  # noqa: B006
         allocate_config: dict = {},  # noqa: B006
         sft_config: dict = {},  # noqa: B006
@@ -320,46 +349,30 @@ def rerun_pipeline(stage: str, uris: dict[str, str]):  # noqa: ANN201
         checkpoint_root: str = "",
         s3_secret: str = "guilomo-s3",
     ):
-        ids = _ids(mlflow_parent_run_id)
-        gpu = {"gpus": gpu_count}
-        pool = (gpu_count, gpu_node_selector, gpu_tolerations, s3_secret)
+        dag = _Dag(
+            search_config,
+            allocate_config,
+            sft_config,
+            evaluate_config,
+            gpu_count,
+            gpu_node_selector,
+            gpu_tolerations,
+            mlflow_parent_run_id,
+            checkpoint_root,
+            s3_secret,
+        )
         dataset = imported("dataset")
         if stage == "search":
-            search = search_op(
-                config=search_config,
-                dataset=dataset,
-                checkpoint_root=checkpoint_root,
-                **gpu,
-                **ids,
-            )
-            state = _on_gpu(search, "search", *pool).outputs["state"]
+            allocation = dag.allocate(dag.search(dataset))
         elif stage == "allocate":
-            state = imported("state")
-        if stage in ("search", "allocate"):
-            task = allocate_op(config=allocate_config, state=state, **ids)
-            allocation = _on_cpu(task, "allocate", s3_secret).outputs["allocation"]
+            allocation = dag.allocate(imported("state"))
         elif stage == "preset":
-            task = preset_op(config=allocate_config, **ids)
-            allocation = _on_cpu(task, "allocate (preset)", s3_secret).outputs["allocation"]
-        elif stage == "sft":
-            allocation = imported("allocation")
-        if stage != "evaluate":
-            sft = sft_op(
-                config=sft_config,
-                dataset=dataset,
-                allocation=allocation,
-                checkpoint_root=checkpoint_root,
-                **gpu,
-                **ids,
-            )
-            adapter = _on_gpu(sft, "sft", *pool).outputs["adapter"]
-        else:
+            allocation = dag.allocate()
+        if stage == "evaluate":
             adapter = imported("adapter")
-        _on_gpu(
-            evaluate_op(config=evaluate_config, dataset=dataset, adapter=adapter, **gpu, **ids),
-            "evaluate",
-            *pool,
-        )
+        else:
+            adapter = dag.sft(dataset, allocation if stage != "sft" else imported("allocation"))
+        dag.evaluate(dataset, adapter)
 
     return rerun
 

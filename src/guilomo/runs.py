@@ -115,6 +115,23 @@ class RunConfig(BaseModel):
         }
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from `path`, or ValueError naming the file and what is wrong."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: a config file holds a mapping of option: value")
+    return doc
+
+
 def _drop_none(doc: Any) -> Any:
     if isinstance(doc, dict):
         return {k: _drop_none(v) for k, v in doc.items() if v is not None}
@@ -144,10 +161,8 @@ def load_run_config(
     file and the field."""
     import yaml
 
-    from .cli import _read_yaml
-
     source = str(path) if path is not None else ("the base config" if base else str(DEMO_CONFIG))
-    doc = base if base is not None else _read_yaml(path or DEMO_CONFIG)
+    doc = base if base is not None else read_yaml(path or DEMO_CONFIG)
     doc = json.loads(json.dumps(doc))
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -182,40 +197,20 @@ def default_tracking(root: Path) -> str:
     return uri
 
 
-def _ensure_experiment(name: str, root: Path) -> None:
-    """A local (sqlite) store keeps artifacts under `root`, not in the working directory."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    if client.get_experiment_by_name(name) is None:
-        local = not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http:", "https:"))
-        location = (root / "mlartifacts").resolve().as_uri() if local else None
-        client.create_experiment(name, artifact_location=location)
-
-
-def _flat(doc: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(doc, dict):
-        out: dict[str, Any] = {}
-        for k, v in doc.items():
-            out |= _flat(v, f"{prefix}{k}.")
-        return out
-    return {prefix.rstrip("."): doc}
-
-
 def open_parent_run(
-    cfg: RunConfig, *, root: Path, tags: dict[str, str], imports: dict[str, str] | None = None
+    cfg: RunConfig, *, tags: dict[str, str], imports: dict[str, str] | None = None
 ) -> str:
+    """The MLflow parent run of one pipeline run (params: the config; the config itself as
+    `run_config.json`, which `rerun` reads back)."""
     from mlflow.tracking import MlflowClient
 
-    from .tracking import check_reachable, start_pipeline_run
+    from .tracking import start_pipeline_run
 
-    check_reachable()
-    _ensure_experiment(cfg.experiment, root)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     tags = dict(tags) | {f"guilomo.import.{k}": v for k, v in (imports or {}).items()}
     run_id = start_pipeline_run(
         run_name=f"{cfg.name}-{stamp}",
-        params=_flat(cfg.model_dump(mode="json")),
+        params=cfg.model_dump(mode="json"),
         tags=tags,
         experiment=cfg.experiment,
     )
@@ -258,7 +253,7 @@ def run_local(
     if rerun is not None:
         stage, imports, earlier = rerun
         tags |= {"guilomo.rerun_of": earlier, "guilomo.rerun_stage": stage}
-    parent = open_parent_run(cfg, root=root, tags=tags, imports=imports)
+    parent = open_parent_run(cfg, tags=tags, imports=imports)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str((root / "kfp").resolve()),
@@ -532,7 +527,6 @@ def submit(
     *,
     host: str,
     rerun: tuple[str, dict[str, str], str] | None = None,
-    root: Path = Path("runs/pipeline"),
     image: str | None = None,
     namespace: str | None = None,
     service_account: str | None = None,
@@ -559,7 +553,7 @@ def submit(
         stage, imports, earlier = rerun
         tags |= {"guilomo.rerun_of": earlier, "guilomo.rerun_stage": stage}
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        parent = open_parent_run(cfg, root=root, tags=tags, imports=imports)
+        parent = open_parent_run(cfg, tags=tags, imports=imports)
     pipeline = guilomo_pipeline if rerun is None else rerun_pipeline(rerun[0], imports)
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "pipeline.yaml"

@@ -387,6 +387,7 @@ class StageTracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.input_models: dict[str, str] = {}  # input name -> LoggedModel id, if one exists
+        self._pending: list[Any] = []  # queued per-step metric batches (RunOperations)
         self._digests: dict[str, str] = {}  # input name -> manifest digest
         self._uri = ""
         self._client: MlflowClient | None = None
@@ -451,10 +452,12 @@ class StageTracker:
         if not self.enabled or self.run_id is None:
             return
         if exc_type is None:
+            self._flush()
             self._terminate("FINISHED")
             return
         status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
         try:  # never hide the stage's own error behind a tracking error
+            self._flush()
             assert self._client is not None
             self._client.set_tag(
                 self.run_id, "guilomo.error", _truncate(f"{exc_type.__name__}: {exc}", 8000)
@@ -572,7 +575,20 @@ class StageTracker:
         ]
         assert self._client is not None and self.run_id is not None
         for chunk in _chunks(entries, _METRIC_BATCH):
-            _call("logging metrics", self._uri, self._client.log_batch, self.run_id, metrics=chunk)
+            if step is None:
+                _call(
+                    "logging metrics", self._uri, self._client.log_batch, self.run_id, metrics=chunk
+                )
+            else:  # per-step metrics: queued, so training never waits on the server
+                self._pending.append(
+                    self._client.log_batch(self.run_id, metrics=chunk, synchronous=False)
+                )
+
+    def _flush(self) -> None:
+        """Wait until the queued per-step metrics are stored."""
+        pending, self._pending = self._pending, []
+        for op in pending:
+            _call("logging metrics", self._uri, op.wait)
 
     def log_output(self, name: str, uri: str) -> None:
         """Record the output artifact `name` at `uri` (tags with its URI and manifest digest)."""
