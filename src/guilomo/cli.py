@@ -148,12 +148,14 @@ def _stage_checkpoints(args: argparse.Namespace) -> tuple[Path, str | None]:
 
 
 def _stage_search(args: argparse.Namespace) -> int:
+    from .distributed import init_distributed, world
     from .remote import StageIO
     from .stages.search import SearchConfig, run_search_stage
 
     cfg = _config_from_args(SearchConfig, args, args.config)
     with StageIO(args.out, overwrite=True) as io:
         dataset = io.input(args.dataset, "PreparedDataset")
+        init_distributed()
         ckpt, ckpt_uri = _stage_checkpoints(args)
         r = run_search_stage(
             cfg,
@@ -164,7 +166,8 @@ def _stage_search(args: argparse.Namespace) -> int:
             parents=[args.dataset],
             progress=not args.quiet,
         )
-        io.publish()
+        if world()[0] == 0:  # under torchrun, rank 0 writes the state
+            io.publish()
     print(f"search: {r.steps} steps (resumed from {r.resumed_from}) -> {args.out}")
     return 0
 

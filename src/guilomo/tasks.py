@@ -104,9 +104,23 @@ def preprocess_task(config: dict, out: Io, tracking: Tracking) -> dict[str, Any]
 
 
 def search_task(config: dict, dataset: Io, out: Io, tracking: Tracking) -> int:
+    """With `tracking.gpus` > 1 (and not yet under torchrun), the task runs itself again under
+    torchrun, one process per GPU of the node; rank 0 tracks and writes the state."""
+    if (tracking.gpus or 0) > 1 and "WORLD_SIZE" not in os.environ:
+        _under_torchrun(
+            "search", int(tracking.gpus), config=config, dataset=dataset, out=out, tracking=tracking
+        )
+        from .artifacts import read_artifact
+
+        return int(read_artifact(out.path).metadata["steps"])
+
+    from .distributed import init_distributed, world
     from .stages.search import SearchConfig, run_search_stage
 
     cfg = SearchConfig.model_validate(config)
+    init_distributed()
+    if world()[0] != 0:  # one child run per stage: only rank 0 of a torchrun job tracks
+        tracking = replace(tracking, parent_run_id="")
     with tracking.tracker("search", cfg, {"dataset": dataset}) as tr:
         t0 = time.perf_counter()
         result = run_search_stage(
@@ -119,9 +133,10 @@ def search_task(config: dict, dataset: Io, out: Io, tracking: Tracking) -> int:
             on_step=lambda step, m: tr.log_metrics(m, step=step),
             progress=False,
         )
-        tr.log_metrics({COMPUTE: time.perf_counter() - t0})
-        tr.log_output("state", out.uri)
-        tr.log_artifacts(sorted((out.path / "plots").glob("*.png")))
+        if world()[0] == 0:
+            tr.log_metrics({COMPUTE: time.perf_counter() - t0})
+            tr.log_output("state", out.uri)
+            tr.log_artifacts(sorted((out.path / "plots").glob("*.png")))
     _say(f"search: {result.steps} steps (resumed from {result.resumed_from}) -> {out.uri}")
     return result.steps
 
@@ -299,7 +314,7 @@ def evaluate_task(
     return report
 
 
-TASKS = {"sft": sft_task}
+TASKS = {"search": search_task, "sft": sft_task}
 
 if __name__ == "__main__":  # one rank of `torchrun_command`
     TASKS[sys.argv[1]](**_from_args_file(Path(sys.argv[2])))

@@ -13,22 +13,56 @@ Every gradient is an explicit `torch.autograd.grad` and the virtual / perturbed 
 through `torch.func.functional_call`, so nothing leaks between passes and the real
 optimisers' states are only touched by their own steps. (The reference code never zeroes
 gradients between passes and mutates the optimiser state in its virtual step.)
+
+Under torchrun each process takes every world-th row of each batch and every gradient is
+summed across processes. A process's CE is weighted by its share of the batch's label
+tokens, so the summed CE gradient is exactly the whole batch's (the search does not depend
+on the number of GPUs); the auxiliary router losses, which are not sums over tokens, are
+weighted by the share of rows, i.e. averaged over the shards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..distributed import all_reduce_sum, world
 from ..moe.model import MoeAdapter
 from ..moe.search import gsv_parameters, weight_parameters
 
 Batch = Mapping[str, torch.Tensor]
 Order = Literal["first", "second"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's rows of a batch and the weights of its loss terms in the batch's loss.
+
+    `batch` is None when the batch has fewer rows than there are processes and this one
+    got none; its gradients are then zeros.
+    """
+
+    batch: Batch | None
+    ce_weight: float  # share of the batch's label tokens (HF's shifted causal-LM labels)
+    aux_weight: float  # share of the batch's rows
+
+
+def shard(batch: Batch, rank: int, world_size: int) -> Shard:
+    """Rows rank, rank + world_size, ... of `batch` (all of it for one process)."""
+    if world_size == 1:
+        return Shard(batch, 1.0, 1.0)
+    rows = batch["input_ids"].shape[0]
+    mine = list(range(rank, rows, world_size))
+    if not mine:
+        return Shard(None, 0.0, 0.0)
+    labelled = batch["labels"][:, 1:] != -100  # the tokens HF's loss averages over
+    ce_weight = float(labelled[mine].sum()) / max(float(labelled.sum()), 1.0)
+    return Shard({k: v[mine] for k, v in batch.items()}, ce_weight, len(mine) / rows)
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -71,53 +105,68 @@ class BilevelSearch:
         )
         self.fd_scale = fd_scale  # eps = fd_scale / ||v|| (the method's 0.01)
         self.step_count = 0
+        self.rank, self.world = world()
 
-    # -- losses ---------------------------------------------------------------------
-    def loss(
-        self, batch: Batch, weights: list[torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(CE + aux, CE) at the current weights or at `weights` (same order as self.w)."""
-        if weights is None:
-            out = self.model(**batch)
+    # -- losses and gradients ---------------------------------------------------------
+    def grad(
+        self,
+        part: Shard,
+        wrt: Sequence[torch.Tensor],
+        weights: list[torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """d(CE + aux)/d`wrt` of the whole batch and its CE, at the current weights or at
+        `weights` (same order as self.w), summed over the processes' shards."""
+        if part.batch is None:
+            grads = [torch.zeros_like(p) for p in wrt]
+            ce = torch.zeros((), device=wrt[0].device)
         else:
-            out = functional_call(
-                self.model, dict(zip(self.w_names, weights, strict=True)), (), dict(batch)
-            )
-        aux = self.adapter.aux_loss()
-        total = out.loss if aux is None else out.loss + aux
-        return total, out.loss.detach()
+            if weights is None:
+                out = self.model(**part.batch)
+            else:
+                named = dict(zip(self.w_names, weights, strict=True))
+                out = functional_call(self.model, named, (), dict(part.batch))
+            aux = self.adapter.aux_loss()
+            total = out.loss * part.ce_weight
+            if aux is not None:
+                total = total + aux * part.aux_weight
+            grads = list(torch.autograd.grad(total, list(wrt)))
+            wide = torch.promote_types(out.loss.dtype, torch.float32)  # bf16 CE: fp32 metric
+            ce = out.loss.detach().to(wide) * part.ce_weight
+        *grads, ce = all_reduce_sum([*grads, ce])
+        return grads, ce
 
-    # -- gradients ------------------------------------------------------------------
+    # -- the upper level --------------------------------------------------------------
     def upper_gradient(self, train: Batch, val: Batch) -> tuple[list[torch.Tensor], dict]:
         """g_alpha for the configured order (does not change any parameter or optimiser)."""
+        train, val = shard(train, self.rank, self.world), shard(val, self.rank, self.world)
         alpha = list(self.alpha.values())
         if self.order == "first":
-            lv, ce = self.loss(val)
-            return list(torch.autograd.grad(lv, alpha)), {"val_loss": ce}
+            g_alpha, ce = self.grad(val, alpha)
+            return g_alpha, {"val_loss": ce}
         w = list(self.w.values())
-        lt, train_ce = self.loss(train)
-        g_train = torch.autograd.grad(lt, w)
+        g_train, train_ce = self.grad(train, w)
         self._g_train = g_train  # reused by the real step
         xi = self.sched.get_last_lr()[0]
         w_virtual = [
             (p - xi * g).detach().requires_grad_(True) for p, g in zip(w, g_train, strict=True)
         ]
-        lv, ce = self.loss(val, w_virtual)
-        grads = torch.autograd.grad(lv, w_virtual + alpha)
+        grads, ce = self.grad(val, w_virtual + alpha, w_virtual)
         v, g_alpha = grads[: len(w)], grads[len(w) :]
         norm = torch.sqrt(sum((g.double() ** 2).sum() for g in v))
         eps = self.fd_scale / norm.clamp_min(1e-12)
         with torch.no_grad():
             w_plus = [p + eps.to(p.dtype) * d for p, d in zip(w, v, strict=True)]
             w_minus = [p - eps.to(p.dtype) * d for p, d in zip(w, v, strict=True)]
-        g_plus = torch.autograd.grad(self.loss(train, w_plus)[0], alpha)
-        g_minus = torch.autograd.grad(self.loss(train, w_minus)[0], alpha)
+        g_plus = self.grad(train, alpha, w_plus)[0]
+        g_minus = self.grad(train, alpha, w_minus)[0]
         hvp = [(gp - gm) / (2 * eps.to(gp.dtype)) for gp, gm in zip(g_plus, g_minus, strict=True)]
         info = {"val_loss": ce, "train_loss": train_ce}
         return [g - xi * h for g, h in zip(g_alpha, hvp, strict=True)], info
 
     # -- one step -------------------------------------------------------------------
     def step(self, train: Batch, val: Batch) -> dict[str, float]:
+        """One bilevel step on a train and a validation batch (whole batches: under torchrun
+        every process passes the same ones and takes its own rows)."""
         self.model.train()
         g_alpha, info = self.upper_gradient(train, val)
         for p, g in zip(self.alpha.values(), g_alpha, strict=True):
@@ -125,9 +174,8 @@ class BilevelSearch:
         self.opt_alpha.step()
         self.opt_alpha.zero_grad(set_to_none=True)
         if self.order == "first":
-            lt, ce = self.loss(train)
-            g_w = torch.autograd.grad(lt, list(self.w.values()))
-            info["train_loss"] = ce
+            part = shard(train, self.rank, self.world)
+            g_w, info["train_loss"] = self.grad(part, list(self.w.values()))
         else:
             g_w, self._g_train = self._g_train, None
         for p, g in zip(self.w.values(), g_w, strict=True):

@@ -1,7 +1,7 @@
 """The search stage: bilevel GSV search on a train split, GSVs judged on a held-out split.
 
 `run_search` drives `BilevelSearch` over token batches, checkpoints everything a resume
-needs (LoRA weights, GSVs, both optimisers, the LR schedule, the RNG, the GSV history) into
+needs (LoRA weights, GSVs, both optimisers, the LR schedule, the GSV history) into
 its output folder every `checkpoint_every` steps, and resumes from there when the folder
 holds a checkpoint of the same search. Data order is a seeded permutation per epoch, so
 an interrupted and resumed search equals an uninterrupted one.
@@ -10,9 +10,15 @@ With `checkpoint_uri` (e.g. `s3://bucket/runs/42/search`) the checkpoint folder 
 copy of one in the object store: pulled at the start, pushed after every save, so a retried
 pod resumes. `on_step(step, metrics)` reports every step's losses (for tracking).
 
+Under torchrun (one process per GPU of a node) every process builds the same batches and
+takes its own rows of each (see `bilevel.shard`); gradients are summed across processes,
+so the GSVs and weights stay identical everywhere. Dropout is reseeded at every step from
+(seed, step, rank), which makes a resumed multi-process search equal an uninterrupted one.
+Rank 0 writes the state and the artifact; the router load it records is summed over all.
+
 Output folder:
   search_state.safetensors  GSVs ("gsv.<module>.expert" / ".rank"), weights ("w.<name>"),
-                            optimiser tensors, RNG state, GSV history ("history.*")
+                            optimiser tensors, GSV history ("history.*")
   search_state.json         config, step, base model, module shapes, losses, router load
 """
 
@@ -33,6 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import load_optimizer_state, optimizer_state
+from ..distributed import all_reduce_sum, barrier
 from ..moe.config import LossConfig, Placement
 from ..moe.model import MoeAdapter
 from ..moe.search import inject_search, module_shapes
@@ -117,6 +124,19 @@ def _batch_at(data: Sequence[Batch], step: int, seed: int) -> Batch:
     return data[_order(len(data), epoch, seed)[i]]
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The dropout seed of one step of one process: a function of where the run is, not of
+    what ran before, so a resumed run draws what the uninterrupted one drew."""
+    return (seed * 1_000_003 + step) * 1024 + rank
+
+
+def router_load(adapter: MoeAdapter) -> dict[str, list[float]]:
+    """Per module, each expert's share of the routed token slots, over every process."""
+    names = sorted(adapter.state.counts)
+    counts = all_reduce_sum([adapter.state.counts[n].double() for n in names])
+    return {n: (c / c.sum().clamp_min(1)).tolist() for n, c in zip(names, counts, strict=True)}
+
+
 def gsv_tensors(adapter: MoeAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {
         n: (layer.gsv.expert.detach().clone(), layer.gsv.rank.detach().clone())
@@ -159,6 +179,10 @@ class SearchRun:
 
     # -- persistence -------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:
+        """Every process calls this (the router load is summed over them); rank 0 writes."""
+        load = router_load(self.adapter)
+        if self.search.rank != 0:
+            return
         out_dir.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         for name, (e, r) in gsv_tensors(self.adapter).items():
@@ -169,7 +193,6 @@ class SearchRun:
         oa, oa_meta = optimizer_state("opt_alpha", self.search.opt_alpha)
         tensors.update(ow)
         tensors.update(oa)
-        tensors["rng"] = torch.get_rng_state()
         names = list(self.shapes)
         if self.history:
             tensors["history.step"] = torch.tensor([s for s, _ in self.history])
@@ -188,7 +211,7 @@ class SearchRun:
             "modules": names,
             "shapes": {n: list(s) for n, s in self.shapes.items()},
             "losses": self.losses,
-            "router_load": self.adapter.router_stats(),
+            "router_load": load,
             "opt_w": ow_meta,
             "opt_alpha": oa_meta,
             "scheduler": self.search.sched.state_dict(),
@@ -216,7 +239,6 @@ class SearchRun:
         load_optimizer_state("opt_w", self.search.opt_w, tensors, doc["opt_w"])
         load_optimizer_state("opt_alpha", self.search.opt_alpha, tensors, doc["opt_alpha"])
         self.search.sched.load_state_dict(doc["scheduler"])
-        torch.set_rng_state(tensors["rng"])
         self.search.step_count = doc["step"]
         self.losses = list(doc["losses"])
         if "history.step" in tensors:
@@ -233,6 +255,12 @@ class SearchRun:
             ]
 
     # -- the loop ----------------------------------------------------------------------
+    def _checkpoint(self, out_dir: Path, on_checkpoint: Callable[[], None] | None) -> None:
+        self.save(out_dir)
+        if on_checkpoint is not None and self.search.rank == 0:
+            on_checkpoint()
+        barrier()  # no process reads or resumes a half-written state
+
     def run(
         self,
         train: Sequence[Batch],
@@ -256,8 +284,12 @@ class SearchRun:
             start = self.search.step_count
         cfg = self.config
         end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-        bar = tqdm(range(start, end), desc="search", disable=not progress, mininterval=0.5)
+        rank = self.search.rank
+        bar = tqdm(
+            range(start, end), desc="search", disable=not progress or rank != 0, mininterval=0.5
+        )
         for step in bar:
+            torch.manual_seed(step_seed(cfg.seed, step, rank))  # this step's dropout
             info = self.search.step(
                 _batch_at(train, step, cfg.seed), _batch_at(val, step, cfg.seed + 1)
             )
@@ -265,16 +297,12 @@ class SearchRun:
             if step % cfg.history_every == 0 or step == cfg.steps - 1:
                 self.history.append((step, gsv_tensors(self.adapter)))
             bar.set_postfix(train=f"{info['train_loss']:.3f}", val=f"{info['val_loss']:.3f}")
-            if on_step is not None:
+            if on_step is not None and rank == 0:
                 on_step(step + 1, dict(info))
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-                self.save(out_dir)
-                if on_checkpoint is not None:
-                    on_checkpoint()
+                self._checkpoint(out_dir, on_checkpoint)
         if start >= end:
-            self.save(out_dir)
-            if on_checkpoint is not None:
-                on_checkpoint()
+            self._checkpoint(out_dir, on_checkpoint)
         return SearchResult(
             out_dir=out_dir, steps=self.search.step_count, resumed_from=start, losses=self.losses
         )
@@ -375,11 +403,15 @@ def run_search_stage(
     run = SearchRun(model, config, base_model=config.base_model)
     push = None
     if checkpoint_uri is not None:
-        pull_checkpoints(checkpoint_uri, Path(checkpoints))
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per machine
+            pull_checkpoints(checkpoint_uri, Path(checkpoints))
+        barrier()
         push = functools.partial(push_checkpoints, Path(checkpoints), checkpoint_uri)
     result = run.run(
         train, val, Path(checkpoints), progress=progress, on_step=on_step, on_checkpoint=push
     )
+    if run.search.rank != 0:
+        return result  # rank 0 publishes
     meta = {
         "steps": result.steps,
         "modules": len(run.shapes),

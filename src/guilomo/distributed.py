@@ -1,0 +1,51 @@
+"""Several processes of one job under `torchrun`: who am I, and sums across processes.
+
+One process per GPU of a node (gloo on CPU, NCCL on GPUs). A single process (no
+`WORLD_SIZE`, or 1) is the default and needs none of this: every helper is then a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> bool:
+    """Join the process group torchrun describes (no-op for a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The element-wise sums of `tensors` over all processes, in one collective.
+
+    The tensors travel flattened in one buffer (one message instead of one per tensor,
+    in the widest of their dtypes) and come back with their shapes and dtypes; the inputs
+    are not modified.
+    """
+    if world()[1] == 1 or not tensors:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1) for t in tensors])  # (sum of numels,)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start : start + t.numel()].view(t.shape).to(t.dtype))
+        start += t.numel()
+    return out
