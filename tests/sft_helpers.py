@@ -50,3 +50,12 @@ def allocation(model):
         rank=4,
         placement="all",
     )
+
+
+def base_and_data(root: Path) -> Path:
+    """`root/base` (the tiny model and tokenizer as a model folder) and `root/data`."""
+    model, tok = model_and_tokenizer()
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    prepared(root / "data")
+    return root

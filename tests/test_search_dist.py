@@ -20,6 +20,7 @@ from guilomo.moe import LossConfig
 from guilomo.moe.search import inject_search, weight_parameters
 from guilomo.stages.bilevel import BilevelSearch, shard
 from guilomo.stages.search import STATE_TENSORS
+from sft_helpers import base_and_data
 
 IGNORE = -100
 
@@ -150,14 +151,7 @@ def search_args(world, out, *extra):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from sft_helpers import model_and_tokenizer, prepared
-
-    root = tmp_path_factory.mktemp("search-dist")
-    model, tok = model_and_tokenizer()
-    model.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    prepared(root / "data")
-    return root
+    return base_and_data(tmp_path_factory.mktemp("search-dist"))
 
 
 def assert_same_state(a, b):

@@ -62,6 +62,21 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert full.losses == rest.losses
 
 
+def test_parallel_is_ignored_by_one_process_and_checkpoints_cross_it(tmp_path):
+    """`parallel` only decides how several processes share the work: in one process fsdp
+    trains as ddp, and a checkpoint of either resumes under the other."""
+    fsdp = CFG.model_copy(update={"parallel": "fsdp"})
+    full = sft(tmp_path, "ddp")
+    part = sft(tmp_path, "mixed", fsdp, stop_after=4)
+    assert part.steps == 4
+    rest = sft(tmp_path, "mixed")  # the default, ddp, resumes the fsdp run's checkpoint
+    assert rest.resumed_from == 4 and rest.losses == full.losses
+    a = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "mixed" / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_checkpoint_of_another_config_is_refused(tmp_path):
     sft(tmp_path, "x", stop_after=3)
     with pytest.raises(ValueError, match="another config"):

@@ -2,20 +2,25 @@
 
 `optimizer_state(prefix, opt)` splits an optimiser's state dict into tensors (for a
 safetensors file) and plain JSON (param groups and the key layout); `load_optimizer_state`
-puts them back. Used by the search and SFT checkpoints.
+puts them back. Used by the search and SFT checkpoints. Both also work on a plain state
+dict in the optimiser's own layout (parameters numbered in order), so a state gathered
+from FSDP shards is written and read in the same format as a single process's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 
 def optimizer_state(
-    prefix: str, opt: torch.optim.Optimizer
+    prefix: str, opt: torch.optim.Optimizer | Mapping[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+    """Tensors `{prefix}.{param index}.{key}` and JSON `{"param_groups", "state_keys"}` of an
+    optimiser, or of a state dict `{"state": {index: {...}}, "param_groups": [...]}`."""
+    sd = opt.state_dict() if isinstance(opt, torch.optim.Optimizer) else opt
     tensors = {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -24,11 +29,18 @@ def optimizer_state(
     return tensors, {"param_groups": sd["param_groups"], "state_keys": layout}
 
 
-def load_optimizer_state(
-    prefix: str, opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: dict
-) -> None:
+def optimizer_state_dict(
+    prefix: str, tensors: Mapping[str, torch.Tensor], meta: dict
+) -> dict[str, Any]:
+    """The optimiser state dict that `optimizer_state` split (parameters numbered in order)."""
     state = {
         int(i): {k: tensors[f"{prefix}.{i}.{k}"] for k in keys}
         for i, keys in meta["state_keys"].items()
     }
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def load_optimizer_state(
+    prefix: str, opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: dict
+) -> None:
+    opt.load_state_dict(optimizer_state_dict(prefix, tensors, meta))

@@ -199,9 +199,10 @@ def _stage_allocate(args: argparse.Namespace) -> int:
 
 
 def _stage_sft(args: argparse.Namespace) -> int:
+    from .distributed import init_distributed, world
     from .remote import StageIO
     from .stages.allocate import read_allocation
-    from .stages.sft import SftConfig, _world, init_distributed, run_sft
+    from .stages.sft import SftConfig, run_sft
 
     cfg = _config_from_args(SftConfig, args, args.config)
     with StageIO(args.out, overwrite=True) as io:
@@ -219,7 +220,7 @@ def _stage_sft(args: argparse.Namespace) -> int:
             parents=[args.dataset, args.allocation],
             progress=not args.quiet,
         )
-        if _world()[0] == 0:  # under torchrun, rank 0 writes the adapter
+        if world()[0] == 0:  # under torchrun, rank 0 writes the adapter
             io.publish()
     print(
         f"sft: {r.steps} steps (resumed from {r.resumed_from}), final loss "
@@ -297,7 +298,8 @@ def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
             SftConfig,
             _stage_sft,
             "Train a LoRA-MoE built from an Allocation on a PreparedDataset; checkpoints every N "
-            "steps and resumes; runs under torchrun for several GPUs. Writes an Adapter.",
+            "steps and resumes; runs under torchrun for several GPUs (DDP, or FSDP with "
+            "--parallel fsdp for bases too large for one GPU). Writes an Adapter.",
         ),
         (
             "evaluate",

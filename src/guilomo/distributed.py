@@ -24,8 +24,21 @@ def init_distributed() -> bool:
     """Join the process group torchrun describes (no-op for a single process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        # one GPU per process: NCCL collectives (barrier included) run on this process's GPU
+        gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(gpu)
+        dist.init_process_group("nccl", device_id=gpu)
+    else:
+        dist.init_process_group("gloo")
     return True
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed (dropout) of one training step of one process: a function of where the
+    run is, not of what ran before, so a resumed run, or any rank of a resumed torchrun
+    job, draws what the uninterrupted one drew."""
+    return (seed * 1_000_003 + step) * 1024 + rank
 
 
 def barrier() -> None:

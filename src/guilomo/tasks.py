@@ -240,13 +240,14 @@ def sft_task(config: dict, dataset: Io, allocation: Io, out: Io, tracking: Track
         )
         return float(read_artifact(out.path).metadata["final_loss"])
 
+    from .distributed import init_distributed, world
     from .plots import loss_curve
     from .stages.allocate import read_allocation
-    from .stages.sft import SftConfig, _world, init_distributed, run_sft
+    from .stages.sft import SftConfig, run_sft
 
     cfg = SftConfig.model_validate(config)
     init_distributed()
-    if _world()[0] != 0:  # one child run per stage: only rank 0 of a torchrun job tracks
+    if world()[0] != 0:  # one child run per stage: only rank 0 of a torchrun job tracks
         tracking = replace(tracking, parent_run_id="")
     with tracking.tracker("sft", cfg, {"dataset": dataset, "allocation": allocation}) as tr:
         t0 = time.perf_counter()
@@ -261,7 +262,7 @@ def sft_task(config: dict, dataset: Io, allocation: Io, out: Io, tracking: Track
             on_step=lambda step, m: tr.log_metrics(m, step=step),
             progress=False,
         )
-        if _world()[0] == 0:
+        if world()[0] == 0:
             tr.log_metrics(
                 {
                     "final_loss": result.losses[-1],

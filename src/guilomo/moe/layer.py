@@ -190,11 +190,14 @@ class _MoeBase(nn.Module):
 
 
 def _new_lora(rows: int, in_features: int, out_features: int, dtype: torch.dtype, device):  # noqa: ANN001
-    """A (R, d_in) kaiming-uniform like PEFT's lora_A; B (d_out, R) zero: delta starts at 0."""
-    a = torch.empty(rows, in_features, dtype=dtype, device=device)
+    """A (R, d_in) kaiming-uniform like PEFT's lora_A; B (d_out, R) zero: delta starts at 0.
+
+    A is drawn on the CPU, then moved: the same seed gives the same adapter on any device
+    (CPU and CUDA generators differ), e.g. FSDP, which injects on the CPU, and DDP on GPUs."""
+    a = torch.empty(rows, in_features, dtype=dtype)
     nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # bound depends on d_in only: per-expert init
     b = torch.zeros(out_features, rows, dtype=dtype, device=device)
-    return nn.Parameter(a), nn.Parameter(b)
+    return nn.Parameter(a.to(device)), nn.Parameter(b)
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -133,8 +133,13 @@ class MoeAdapter:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in _adapter_params(self.layers).items()}
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write `adapter_config.json` + `adapter_model.safetensors` into `directory`."""
+    def save(
+        self, directory: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None
+    ) -> Path:
+        """Write `adapter_config.json` + `adapter_model.safetensors` into `directory`.
+
+        `tensors`: the weights to write instead of this adapter's own (e.g. the full tensors
+        gathered from FSDP shards, under the same names as `state_dict()`)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         shapes = {n: _module_shape(layer.base_layer) for n, layer in self.layers.items()}
@@ -145,7 +150,10 @@ class MoeAdapter:
             "base_shapes": shapes,
             "config": self.config.model_dump(mode="json"),
         }
-        tensors = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
+        own = self.state_dict()
+        if tensors is not None and set(tensors) != set(own):
+            raise ValueError("tensors to save must have exactly the adapter's parameter names")
+        tensors = {k: v.contiguous().cpu() for k, v in (tensors or own).items()}
         tmp_w, tmp_c = d / (WEIGHTS_NAME + ".tmp"), d / (CONFIG_NAME + ".tmp")
         save_file(tensors, str(tmp_w), metadata={"format": FORMAT})
         tmp_c.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")

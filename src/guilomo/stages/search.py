@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import load_optimizer_state, optimizer_state
-from ..distributed import all_reduce_sum, barrier
+from ..distributed import all_reduce_sum, barrier, step_seed
 from ..moe.config import LossConfig, Placement
 from ..moe.model import MoeAdapter
 from ..moe.search import inject_search, module_shapes
@@ -122,12 +122,6 @@ def _order(n: int, epoch: int, seed: int) -> list[int]:
 def _batch_at(data: Sequence[Batch], step: int, seed: int) -> Batch:
     epoch, i = divmod(step, len(data))
     return data[_order(len(data), epoch, seed)[i]]
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The dropout seed of one step of one process: a function of where the run is, not of
-    what ran before, so a resumed run draws what the uninterrupted one drew."""
-    return (seed * 1_000_003 + step) * 1024 + rank
 
 
 def router_load(adapter: MoeAdapter) -> dict[str, list[float]]:

@@ -1,11 +1,16 @@
 """SFT stage: train a LoRA-MoE built from an Allocation (fresh weights) on a PreparedDataset.
 
 Loss = CE + the adapter's auxiliary router losses. Gradient accumulation turns micro-batches
-into the configured batch; the data order is a seeded function of the step, and every
-`checkpoint_every` steps the adapter, optimiser, LR schedule and RNG are saved, so a killed
-run restarted with the same arguments continues to the same result. Under `torchrun` each
+into the configured batch; the data order and each step's dropout are seeded functions of
+the step (and rank), and every `checkpoint_every` steps the adapter, optimiser and LR
+schedule are saved, so a killed run restarted with the same arguments (and as many
+processes) continues to the same result. Under `torchrun` each
 process takes its share of every batch and gradients are averaged across processes
-(gloo on CPU, NCCL on GPUs). The result is an `Adapter` artifact.
+(gloo on CPU, NCCL on GPUs): with `parallel: ddp` every process holds the whole model and
+the adapter gradients are all-reduced; with `parallel: fsdp` the base and adapter parameters
+are sharded over the processes (PyTorch FSDP2, one unit per decoder layer) for bases that do
+not fit one GPU. Checkpoints and the adapter hold full tensors either way, so a checkpoint
+resumes under either mode. The result is an `Adapter` artifact.
 
 With `checkpoint_uri` (e.g. `s3://bucket/runs/42/sft`) the local checkpoint folder is a
 working copy of one in the object store: it is pulled at the start (a retried pod resumes
@@ -24,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -33,13 +38,17 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..artifacts import ArtifactWriter, config_hash
-from ..checkpoint import load_optimizer_state, optimizer_state
+from ..checkpoint import load_optimizer_state, optimizer_state, optimizer_state_dict
 from ..data.prepared import read_split
 from ..data.prompts import collate, length_grouped_batches, load_template, tokenize_example
+from ..distributed import step_seed, world
 from ..moe.config import Allocation, LossConfig, MoeConfig, RouterConfig
 from ..moe.model import MoeAdapter, inject_adapter
 from ..remote import pull_checkpoints, push_checkpoints
 from .bilevel import linear_schedule
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 CKPT_TENSORS = "trainer_state.safetensors"
 CKPT_JSON = "trainer_state.json"
@@ -47,6 +56,9 @@ ADAPTER_TENSORS = "adapter_model.safetensors"
 
 #: `on_step(step, metrics)`: the optimiser steps done so far (1-based) and that step's metrics.
 StepHook = Callable[[int, dict[str, float]], None]
+
+#: How several processes share the work: see `SftConfig.parallel`.
+Parallel = Literal["ddp", "fsdp"]
 
 
 class SftConfig(BaseModel):
@@ -86,6 +98,13 @@ class SftConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="auto: bf16 on GPU, fp32 on CPU."
     )
+    parallel: Parallel = Field(
+        default="ddp",
+        description="Under torchrun: ddp, every process holds the whole model and the adapter "
+        "gradients are averaged; fsdp, base and adapter parameters are sharded over the "
+        "processes (PyTorch FSDP2) for bases that do not fit one GPU. Same result and "
+        "checkpoints either way; ignored for one process.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SftConfig:
@@ -106,18 +125,54 @@ class SftResult:
     tokens_per_second: float
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def checkpoint_hash(config: SftConfig) -> str:
+    """The config hash a checkpoint must match to resume: all fields but `parallel`, which
+    changes how processes share the work, not the result. So a DDP checkpoint resumes under
+    FSDP and back, and checkpoints written before the option existed keep their hash."""
+    return config_hash(config.model_dump(mode="json", exclude={"parallel"}))
 
 
-def init_distributed() -> bool:
-    """Join the process group torchrun describes (no-op for a single process)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks FSDP shards one by one: the classes a transformers model lists in
+    `_no_split_modules` (its decoder layers), else the modules of `model.model.layers`."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        inner = getattr(getattr(model, "model", None), "layers", None)
+        if isinstance(inner, torch.nn.ModuleList):
+            layers = list(inner)
+    if not layers:
+        listed = ", ".join(sorted(names)) or "none listed"
+        raise ValueError(
+            f"parallel: fsdp shards the model one decoder layer at a time, but found no layers "
+            f"in {type(model).__name__}: no module of a class in its `_no_split_modules` "
+            f"({listed}) and no `model.layers`; use parallel: ddp for this model"
+        )
+    return layers
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 over all processes: every decoder layer is one unit (all-gathered just before it
+    runs, resharded after), the root holds the rest (embeddings, final norm, head).
+
+    Parameters on the CPU move to `device` layer by layer as they are sharded, so a base
+    loaded on the CPU never sits whole on one GPU.
+    """
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as exc:  # torch < 2.6: FSDP2 was not public yet
+        raise ValueError(
+            f"parallel: fsdp needs torch>=2.6 (torch.distributed.fsdp.fully_shard); this is "
+            f"torch {torch.__version__}: use parallel: ddp or upgrade torch"
+        ) from exc
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # FSDP2 gathers on the current device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in reversed(decoder_layers(model)):  # inner units before outer ones
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def micro_batch_schedule(
@@ -150,6 +205,14 @@ def total_steps(n_examples: int, config: SftConfig) -> int:
     return max(1, int(per_epoch * config.epochs) // (config.batch_size // config.micro_batch_size))
 
 
+def _full_options(**options: bool) -> StateDictOptions:
+    """`StateDictOptions` for full (unsharded) state dicts, plus `options`: cpu_offload gathers
+    onto rank 0's CPU only, ignore_frozen_params leaves the frozen base out."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **options)
+
+
 class SftTrainer:
     def __init__(
         self,
@@ -160,7 +223,7 @@ class SftTrainer:
         records: Sequence[dict],
     ) -> None:
         self.config = config
-        self.rank, self.world = _world()
+        self.rank, self.world = world()
         accum = config.batch_size // config.micro_batch_size
         if accum % self.world:
             raise ValueError(
@@ -187,6 +250,13 @@ class SftTrainer:
             losses=config.losses,
         )
         self.adapter: MoeAdapter = inject_adapter(model, moe)
+        #: parameter names in optimiser order: the keys of the adapter file and checkpoints
+        self.param_names = list(self.adapter.state_dict())
+        self.fsdp = config.parallel == "fsdp" and self.world > 1
+        if self.fsdp:  # before the optimiser: it must hold the sharded parameters
+            from ..models import default_device
+
+            shard_model(model, default_device())
         self.params = list(self.adapter.parameters())
         self.steps = total_steps(len(self.examples), config)
         self.schedule = micro_batch_schedule(
@@ -200,24 +270,83 @@ class SftTrainer:
         self.step = 0
         self.losses: list[float] = []
 
+    # -- full state (FSDP gathers its shards) ------------------------------------------
+    def adapter_weights(self) -> dict[str, torch.Tensor] | None:
+        """The adapter's full tensors by name on rank 0, None on the other ranks.
+
+        Under FSDP every process must call this: the shards are all-gathered (collective)."""
+        if not self.fsdp:
+            return self.adapter.state_dict() if self.rank == 0 else None
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(
+            self.model, options=_full_options(cpu_offload=True, ignore_frozen_params=True)
+        )
+        return {k: full[k] for k in self.param_names} if self.rank == 0 else None
+
+    def _optimizer_state(self) -> dict[str, Any] | None:
+        """The optimiser state dict with full tensors, parameters numbered as in a single
+        process (rank 0; None elsewhere). Under FSDP a collective, like `adapter_weights`."""
+        if not self.fsdp:
+            return self.opt.state_dict() if self.rank == 0 else None
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        osd = get_optimizer_state_dict(
+            self.model, self.opt, options=_full_options(cpu_offload=True, ignore_frozen_params=True)
+        )
+        if self.rank != 0:
+            return None
+        index = {name: i for i, name in enumerate(self.param_names)}  # FQN -> number
+        return {
+            "state": dict(sorted((index[k], v) for k, v in osd["state"].items())),
+            "param_groups": [
+                {**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]
+            ],
+        }
+
+    def _load_into_shards(self, weights: dict[str, torch.Tensor], osd: dict[str, Any]) -> None:
+        """FSDP: from full adapter tensors and an optimiser state dict in a single process's
+        layout, each process keeps its shard. Every process must call this (collective)."""
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        names = self.param_names
+        # strict=False: the file holds the adapter, the frozen base is the model's own
+        set_model_state_dict(
+            self.model, {k: weights[k] for k in names}, options=_full_options(strict=False)
+        )
+        by_name = {
+            "state": {names[int(i)]: v for i, v in osd["state"].items()},
+            "param_groups": [
+                {**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]
+            ],
+        }
+        set_optimizer_state_dict(self.model, self.opt, by_name, options=_full_options())
+
     # -- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self, ckpt_dir: Path) -> None:
+        """Rank 0 writes the checkpoint; under FSDP every process must call this (the full
+        tensors are gathered from all shards), elsewhere the other ranks return at once."""
+        weights, osd = self.adapter_weights(), self._optimizer_state()
+        if weights is None or osd is None:
+            return  # not the writing process
         tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(
-            {k: v.contiguous().cpu() for k, v in self.adapter.state_dict().items()},
+            {k: v.contiguous().cpu() for k, v in weights.items()},
             str(tmp / ADAPTER_TENSORS),
         )
-        tensors, meta = optimizer_state("opt", self.opt)
-        tensors["rng"] = torch.get_rng_state()
+        tensors, meta = optimizer_state("opt", osd)
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / CKPT_TENSORS))
         doc = {
             "step": self.step,
             "optimizer": meta,
             "scheduler": self.sched.state_dict(),
             "losses": self.losses,
-            "config_hash": config_hash(self.config),
+            "config_hash": checkpoint_hash(self.config),
         }
         (tmp / CKPT_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         old = ckpt_dir.parent / f".{ckpt_dir.name}.old-{os.getpid()}"
@@ -230,19 +359,21 @@ class SftTrainer:
         if not (ckpt_dir / CKPT_JSON).is_file():
             return False
         doc = json.loads((ckpt_dir / CKPT_JSON).read_text())
-        if doc["config_hash"] != config_hash(self.config):
+        if doc["config_hash"] != checkpoint_hash(self.config):
             raise ValueError(
                 f"{ckpt_dir}: checkpoint of a run with another config; use the same config to "
                 "resume or another checkpoint folder"
             )
         weights = load_file(str(ckpt_dir / ADAPTER_TENSORS))
-        with torch.no_grad():
-            for k, p in self.adapter.state_dict().items():
-                p.copy_(weights[k])
         tensors = load_file(str(ckpt_dir / CKPT_TENSORS))
-        load_optimizer_state("opt", self.opt, tensors, doc["optimizer"])
+        if self.fsdp:  # every process read the same files; each keeps its shard
+            self._load_into_shards(weights, optimizer_state_dict("opt", tensors, doc["optimizer"]))
+        else:
+            with torch.no_grad():
+                for k, p in self.adapter.state_dict().items():
+                    p.copy_(weights[k])
+            load_optimizer_state("opt", self.opt, tensors, doc["optimizer"])
         self.sched.load_state_dict(doc["scheduler"])
-        torch.set_rng_state(tensors["rng"])
         self.step, self.losses = doc["step"], list(doc["losses"])
         return True
 
@@ -267,11 +398,14 @@ class SftTrainer:
             range(start, end), desc="sft", disable=not progress or self.rank != 0, mininterval=0.5
         )
         for step in bar:
+            torch.manual_seed(step_seed(self.config.seed, step, self.rank))  # this step's dropout
             mine = self.schedule[step][self.rank :: self.world]
             lr = float(self.opt.param_groups[0]["lr"])  # the rate this step applies
             step_tokens, t_step = 0, time.perf_counter()
             step_loss = torch.zeros((), device=device)
-            for idx in mine:
+            for n, idx in enumerate(mine, start=1):
+                if self.fsdp:  # reduce-scatter the summed gradients once, on the last backward
+                    self.model.set_requires_gradient_sync(n == len(mine))
                 batch = {
                     k: v.to(device)
                     for k, v in collate([self.examples[i] for i in idx], self.pad_id).items()
@@ -283,8 +417,9 @@ class SftTrainer:
                 step_loss += out.loss.detach() / len(mine)
                 step_tokens += int(batch["attention_mask"].sum())
             if self.world > 1:
-                for p in self.params:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+                if not self.fsdp:  # FSDP's reduce-scatter has averaged them already
+                    for p in self.params:
+                        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
                 dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
             self.opt.step()
             self.sched.step()
@@ -302,10 +437,9 @@ class SftTrainer:
             if ckpt_dir is not None and (
                 self.step % self.config.checkpoint_every == 0 or self.step == end
             ):
-                if self.rank == 0:
-                    self.save_checkpoint(ckpt_dir)
-                    if on_checkpoint is not None:
-                        on_checkpoint()
+                self.save_checkpoint(ckpt_dir)  # every process: FSDP gathers, rank 0 writes
+                if self.rank == 0 and on_checkpoint is not None:
+                    on_checkpoint()
                 if self.world > 1:
                     dist.barrier()
         elapsed = max(time.perf_counter() - t0, 1e-9)
@@ -348,8 +482,15 @@ def run_sft(
     if model is None:
         from ..models import default_device, load_model
 
+        device = default_device()
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
-        model, tokenizer = load_model(config.base_model, dtype=dtype, device=default_device())
+        if config.parallel == "fsdp" and world()[1] > 1:
+            # Load on the CPU: sharding moves the model to the GPU one layer at a time, so a
+            # base larger than one GPU fits. The dtype is the one the GPU would get.
+            if dtype is None and device.type == "cuda":
+                dtype = torch.bfloat16
+            device = torch.device("cpu")
+        model, tokenizer = load_model(config.base_model, dtype=dtype, device=device)
     trainer = SftTrainer(config, allocation, model, tokenizer, records)
     push = None
     if checkpoint_uri is not None:
@@ -368,8 +509,11 @@ def run_sft(
         on_checkpoint=push,
     )
     result.out = Path(out)
-    if trainer.step < trainer.steps or trainer.rank != 0:
-        return result  # interrupted on purpose, or not the writing process
+    if trainer.step < trainer.steps:
+        return result  # interrupted on purpose
+    weights = trainer.adapter_weights()  # under FSDP every process takes part in the gather
+    if weights is None:
+        return result  # not the writing process
     meta = {
         "steps": trainer.step,
         "final_loss": result.losses[-1] if result.losses else None,
@@ -385,6 +529,6 @@ def run_sft(
         metadata=meta,
         overwrite=True,
     ) as tmp:
-        trainer.adapter.save(tmp)
+        trainer.adapter.save(tmp, weights)
         (tmp / "train_log.json").write_text(json.dumps({"losses": result.losses}, indent=1) + "\n")
     return result
