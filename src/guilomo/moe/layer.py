@@ -239,7 +239,7 @@ class LoraMoeLinear(_MoeBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = tuple(x.shape[:-1])
         h = x.reshape(-1, self.in_features)  # (N, d_in)
-        result = None  # the base output (..., d_out)
+        base_out = None  # (N, d_out) when the shared-input function computed it
         # search mode: (R,) 0/1 gates that switch off rank components past each expert's choice
         ranks = self.gsv.rank_mask().flatten() if self.gsv is not None else None
         if self.expert_impl == "eager":
@@ -255,8 +255,7 @@ class LoraMoeLinear(_MoeBase):
             base = self.base_layer
             if type(base) is nn.Linear and not base.weight.requires_grad and h.dtype == a.dtype:
                 # ... and the frozen base shares the input gradient with them
-                flat, z = _SharedInput.apply(h, base.weight, base.bias, c)
-                result = flat.view(*lead, self.out_features)
+                base_out, z = _SharedInput.apply(h, base.weight, base.bias, c)  # (N, d_out)
             else:
                 z = F.linear(h.to(a.dtype), c)  # (N, R + E)
             u, logits = z[:, : a.shape[0]], z[:, a.shape[0] :]
@@ -264,14 +263,20 @@ class LoraMoeLinear(_MoeBase):
         else:
             weights = self._route(h, lead)
             u = F.linear(self.dropout(h).to(a.dtype), a)  # (N, R)
-        if result is None:
-            result = self.base_layer(x)
         if weights is None:
             g = self.gate_to_cols[0]  # (R,): one expert, gate 1
         else:
             g = weights.to(u.dtype) @ self.gate_to_cols  # (N, E) @ (E, R) -> (N, R)
         if ranks is not None:
             g = g * ranks.to(g.dtype)
+        if base_out is None and type(self.base_layer) is nn.Linear:
+            base_out = self.base_layer(h)  # (N, d_out)
+        if base_out is not None and base_out.dtype == u.dtype:
+            # The experts are added into the base output in place: neither nn.Linear's nor
+            # _SharedInput's backward reads that output, and an out-of-place addmm would
+            # first copy all N x d_out of it.
+            return base_out.addmm_(u * g, self.lora_B.t()).view(*lead, self.out_features)
+        result = self.base_layer(x) if base_out is None else base_out.view(*lead, -1)
         flat = result.reshape(-1, self.out_features)  # (N, d_out)
         if flat.dtype == u.dtype:  # add the experts into the base output in the same kernel
             return torch.addmm(flat, u * g, self.lora_B.t()).view_as(result)
