@@ -13,6 +13,11 @@ allocation: top-2 of 8 experts, uniform rank 8 or heterogeneous ranks [4,4,6,6,8
               Python loop over the experts gathering the tokens routed to each one, running that
               expert's ``B_e(A_e(x_e)) * alpha / r_e``, weighting it and ``index_add_``-ing it back.
 
+With ``--dropout P`` (default 0) every method but ``base`` trains with dropout P on the adapter's
+input, as the research recipes do (MoLA and our SFT default: 0.05): guilomo and plain LoRA
+drop the layer input once, the MoLA loop drops each expert's gathered tokens (its
+``lora_dropout`` module per expert call). The equality check runs with dropout off.
+
 One iteration is: zero the grads (set_to_none), forward, ``y.backward(g)`` with one fixed random
 ``g``. All four methods share the same base layer, the same ``x`` and the same ``g``. After two
 warm-up iterations each, the methods are timed round-robin (the starting method rotates every
@@ -106,9 +111,10 @@ class BaseOnly(nn.Module):
 class PlainLora(nn.Module):
     """y = base(x) + (x A^T) B^T * alpha / r, one adapter of rank r."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
         super().__init__()
         self.base = base
+        self.dropout = nn.Dropout(dropout)
         dt, dev = base.weight.dtype, base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dt, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -118,7 +124,8 @@ class PlainLora(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        u = F.linear(self.dropout(x), self.lora_A)
+        return self.base(x) + F.linear(u, self.lora_B) * self.scale
 
 
 class MolaLoop(nn.Module):
@@ -128,9 +135,12 @@ class MolaLoop(nn.Module):
     alpha / r_e. The weights are copied from a `LoraMoeLinear` so both compute the same function.
     """
 
-    def __init__(self, base: nn.Linear, moe: LoraMoeLinear, alpha: float, top_k: int) -> None:
+    def __init__(
+        self, base: nn.Linear, moe: LoraMoeLinear, alpha: float, top_k: int, dropout: float
+    ) -> None:
         super().__init__()
         self.base = base
+        self.dropout = nn.Dropout(dropout)
         self.top_k = top_k
         d_in, d_out = base.in_features, base.out_features
         dt, dev = moe.lora_A.dtype, moe.lora_A.device
@@ -169,7 +179,7 @@ class MolaLoop(nn.Module):
                 continue
             token_list, slot_list = token_idx.tolist(), slot.tolist()
             x_e = x[None, token_list].reshape(-1, x.shape[-1])
-            y_e = self.experts_B[e](self.experts_A[e](x_e)) * self.scales[e]
+            y_e = self.experts_B[e](self.experts_A[e](self.dropout(x_e))) * self.scales[e]
             y_e = y_e * top_w[token_list, slot_list, None].to(y_e.dtype)
             out.index_add_(0, token_idx, y_e)
         return result + out
@@ -198,7 +208,9 @@ def make_step(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[
     return step
 
 
-def build_case(case: Case, device: torch.device, dtype: torch.dtype, alpha: float) -> dict:
+def build_case(
+    case: Case, device: torch.device, dtype: torch.dtype, alpha: float, dropout: float
+) -> dict:
     """The four modules of one case, sharing one frozen base layer, plus x and g."""
     torch.manual_seed(0)
     base = nn.Linear(case.d_in, case.d_out, bias=False, device=device, dtype=dtype)
@@ -207,7 +219,7 @@ def build_case(case: Case, device: torch.device, dtype: torch.dtype, alpha: floa
     cfg = MoeConfig(
         allocation=Allocation(base_model="bench", modules={"m": alloc}),
         lora_alpha=alpha,
-        lora_dropout=0.0,
+        lora_dropout=dropout,
     )
     moe = LoraMoeLinear(
         base_layer=base, name="m", allocation=alloc, config=cfg, state=None, expert_impl="fused"
@@ -219,8 +231,8 @@ def build_case(case: Case, device: torch.device, dtype: torch.dtype, alpha: floa
     modules = {
         "base": BaseOnly(base),
         "guilomo": moe,
-        "lora": PlainLora(base, active_rank, alpha),
-        "mola": MolaLoop(base, moe, alpha, TOP_K),
+        "lora": PlainLora(base, active_rank, alpha, dropout),
+        "mola": MolaLoop(base, moe, alpha, TOP_K, dropout),
     }
     x = torch.randn(case.tokens, case.d_in, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(case.tokens, case.d_out, device=device, dtype=dtype)
@@ -245,9 +257,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_equal(built: dict, case: Case, tol: float) -> dict[str, float]:
-    """guilomo and the MoLA loop compute the same output and input gradient; abort otherwise."""
+    """guilomo and the MoLA loop compute the same output and input gradient (dropout off);
+    abort otherwise. The modules are left in training mode, as they are timed."""
     mods, x, g = built["modules"], built["x"], built["g"]
     outs, grads = {}, {}
+    for m in mods.values():
+        m.eval()
     for name in ("base", "guilomo", "mola"):
         x.grad = None
         y = mods[name](x)
@@ -256,6 +271,7 @@ def check_equal(built: dict, case: Case, tol: float) -> dict[str, float]:
     x.grad = None
     for m in mods.values():
         m.zero_grad(set_to_none=True)
+        m.train()
     err = {
         "output": rel_err(outs["guilomo"], outs["mola"]),
         "delta": rel_err(outs["guilomo"] - outs["base"], outs["mola"] - outs["base"]),
@@ -392,6 +408,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also print (stderr) torch.profiler's top ops of guilomo's forward+backward per case",
     )
     p.add_argument("--alpha", type=float, default=16.0, help="lora_alpha (default 16)")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="dropout on the adapters' input while timing (default 0; the recipes train with 0.05)",
+    )
     return p.parse_args(argv)
 
 
@@ -436,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         log(
             f"[{time.perf_counter() - t_start:6.1f}s] {case.name}: N={case.tokens}, rounds={case.rounds}"
         )
-        built = build_case(case, device, dtype, args.alpha)
+        built = build_case(case, device, dtype, args.alpha, args.dropout)
         err = check_equal(built, case, tol)
         log(
             f"  guilomo == mola loop: rel. errors {', '.join(f'{k} {v:.1e}' for k, v in err.items())}"
@@ -524,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         "device_name": device_name,
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        "dropout": args.dropout,
         "torch": torch.__version__,
         "cases": {
             name: {

@@ -16,6 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ("moe_layer.py", ["--quick", "--cases", "1024"], {"cases", "targets", "met"}),
         (
+            "moe_layer.py",
+            ["--quick", "--cases", "1024/hetero", "--dropout", "0.05"],
+            {"cases", "dropout", "met"},
+        ),
+        (
             "search_step.py",
             [
                 "--hidden",

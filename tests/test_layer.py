@@ -312,3 +312,41 @@ def test_fused_path_with_dropout_equals_eager(kind, mode):
         torch.manual_seed(1)
         results.append(run(layer, x))
     assert_close_all(*results)
+
+
+def _graph_nodes(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        todo.extend(f for f, _ in fn.next_functions)
+    return {type(fn).__name__ for fn in seen}
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_frozen_linear_base_takes_the_shared_input_path(p):
+    """The fast paths the eager comparisons above are meant to cover are the ones taken."""
+    base = nn.Linear(D_IN, D_OUT).requires_grad_(False)
+    alloc = ModuleAllocation(experts=3, top_k=2, ranks=[2, 3, 4])
+    cfg = MoeConfig(allocation=Allocation(base_model="t", modules={"m": alloc}), lora_dropout=p)
+    layer = LoraMoeLinear(base_layer=base, name="m", allocation=alloc, config=cfg).train()
+    nodes = _graph_nodes(layer(torch.randn(5, D_IN, requires_grad=True)))
+    assert ("_SharedInputDropoutBackward" if p else "_SharedInputBackward") in nodes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_dropout_keeps_each_input_with_probability_1_minus_p(dtype):
+    """Over 10^6 inputs the kept share is within 5 standard deviations of 1 - p, the kept
+    values are scaled by 1 / (1 - p), and eval mode is the identity."""
+    from guilomo.moe.layer import LoraDropout
+
+    p, n = 0.05, 1_000_000
+    drop = LoraDropout(p).train()
+    x = torch.ones(n, dtype=dtype)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.double().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    assert drop.eval()(x) is x
