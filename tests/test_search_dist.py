@@ -115,6 +115,29 @@ def test_sharded_router_loss_is_averaged_over_shards():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
 
+def test_batch_smaller_than_the_process_count_is_refused(monkeypatch):
+    import guilomo.stages.search as search_stage
+
+    monkeypatch.setattr(search_stage, "world", lambda: (0, 8))
+    config = search_stage.SearchConfig(batch_size=4, max_experts=2, max_rank=2, top_k=1)
+    with pytest.raises(ValueError, match=r"batch_size \(4\) is smaller than the number of "):
+        search_stage.SearchRun(tiny_llama(num_hidden_layers=1), config, base_model="tiny")
+
+
+def test_router_load_covers_every_routed_module_even_uncounted():
+    """A process whose shards were all empty so far reduces zeros for every module, so all
+    processes send the same list; the shares are of the counted selections."""
+    from guilomo.stages.search import router_load
+
+    model, adapter = search_model(balance_coef=0.0)
+    assert set(router_load(adapter)) == set(adapter.layers)  # nothing counted yet
+    assert all(v == [0.0, 0.0, 0.0] for v in router_load(adapter).values())
+    model(**padded_batch())
+    load = router_load(adapter)
+    for name, counts in adapter.state.counts.items():
+        assert load[name] == pytest.approx((counts / counts.sum()).tolist())
+
+
 # -- for real: 2 gloo processes ----------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import load_optimizer_state, optimizer_state
-from ..distributed import all_reduce_sum, barrier, step_seed
+from ..distributed import all_reduce_sum, barrier, step_seed, world
 from ..moe.config import LossConfig, Placement
 from ..moe.model import MoeAdapter
 from ..moe.search import inject_search, module_shapes
@@ -125,9 +125,17 @@ def _batch_at(data: Sequence[Batch], step: int, seed: int) -> Batch:
 
 
 def router_load(adapter: MoeAdapter) -> dict[str, list[float]]:
-    """Per module, each expert's share of the routed token slots, over every process."""
-    names = sorted(adapter.state.counts)
-    counts = all_reduce_sum([adapter.state.counts[n].double() for n in names])
+    """Per module, each expert's share of the routed token slots, over every process.
+
+    Every routed module takes part, counted or not, so all processes reduce the same list
+    (a process whose shards were all empty so far has counted nothing)."""
+    names = sorted(n for n, layer in adapter.layers.items() if layer.router is not None)
+    device = next(adapter.parameters()).device
+    counts = [
+        adapter.state.counts.get(n, torch.zeros(adapter.layers[n].num_experts, device=device))
+        for n in names
+    ]
+    counts = all_reduce_sum([c.double() for c in counts])
     return {n: (c / c.sum().clamp_min(1)).tolist() for n, c in zip(names, counts, strict=True)}
 
 
@@ -142,6 +150,13 @@ class SearchRun:
     """One search: the model in search mode, its optimiser, its state on disk."""
 
     def __init__(self, model: nn.Module, config: SearchConfig, *, base_model: str) -> None:
+        processes = world()[1]
+        if config.batch_size < processes:
+            raise ValueError(
+                f"batch_size ({config.batch_size}) is smaller than the number of processes "
+                f"({processes}): each process takes every {processes}-th row of a batch, so "
+                f"some would get none; use batch_size >= {processes} or fewer processes"
+            )
         self.config = config
         self.base_model = base_model
         self.model = model
