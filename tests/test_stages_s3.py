@@ -24,6 +24,7 @@ from guilomo.artifacts import MANIFEST, read_artifact
 from guilomo.storage import (
     SYNC_BLOBS,
     SYNC_MARKER,
+    NotFoundError,
     S3Store,
     get_artifact,
     get_file,
@@ -142,14 +143,18 @@ def manifest_at(uri):
 
 
 def checkpoint_step(uri: str, tmp: Path) -> int | None:
-    """The step of the SFT checkpoint last pushed to `uri` (None: nothing pushed yet)."""
+    """The step of the SFT checkpoint last pushed to `uri` (None: nothing pushed yet, or
+    the run pushed a newer one and pruned this one's blobs between our two reads)."""
     if open_store(uri).head(f"{uri}/{SYNC_MARKER}") is None:
         return None
     tag = uuid.uuid4().hex[:8]
-    get_file(f"{uri}/{SYNC_MARKER}", tmp / f"marker-{tag}.json")
-    files = json.loads((tmp / f"marker-{tag}.json").read_text())["files"]
-    sha = files["trainer_state.json"]["sha256"]
-    get_file(f"{uri}/{SYNC_BLOBS}/{sha}", tmp / f"state-{tag}.json")
+    try:
+        get_file(f"{uri}/{SYNC_MARKER}", tmp / f"marker-{tag}.json")
+        files = json.loads((tmp / f"marker-{tag}.json").read_text())["files"]
+        sha = files["trainer_state.json"]["sha256"]
+        get_file(f"{uri}/{SYNC_BLOBS}/{sha}", tmp / f"state-{tag}.json")
+    except NotFoundError:  # superseded while we read: the caller polls again
+        return None
     return json.loads((tmp / f"state-{tag}.json").read_text())["step"]
 
 
