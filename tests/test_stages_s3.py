@@ -43,7 +43,7 @@ from servers import (
 from sft_helpers import allocation, model_and_tokenizer, prepared
 
 GUILOMO = str(Path(sys.executable).parent / "guilomo")
-STEPS = 12  # SFT steps of the checkpoint tests: long enough to be seen mid-run
+STEPS = 24  # SFT steps of the checkpoint tests: long enough to be seen mid-run
 
 
 @pytest.fixture(scope="module")
@@ -286,8 +286,8 @@ def full_sft(world, tmp_path_factory):
                 deadline = time.monotonic() + 300
                 while proc.poll() is None and time.monotonic() < deadline:
                     step = checkpoint_step(ckpt, tmp)
-                    if step is not None and proc.poll() is None:
-                        seen_step, seen_running = step, True  # on S3 before the process ended
+                    if step is not None and step < STEPS and proc.poll() is None:
+                        seen_step, seen_running = step, True  # on S3 before the run ended
                         break
                     time.sleep(0.05)
                 rc = proc.wait(300)
