@@ -284,7 +284,8 @@ def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
             SearchConfig,
             _stage_search,
             "Bilevel GSV search: LoRA weights on the train split, GSVs on the validation split; "
-            "checkpoints as it goes and resumes; writes a SearchState with GSV plots.",
+            "checkpoints as it goes and resumes; runs under torchrun for several GPUs (each "
+            "process takes its rows of every batch); writes a SearchState with GSV plots.",
         ),
         (
             "allocate",
