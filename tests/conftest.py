@@ -8,6 +8,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory):
+    """A throwaway SeaweedFS S3 server for the module's tests (skipped without `weed`)."""
+    from servers import NO_WEED, find_weed, weed_s3_server
+
+    if find_weed() is None:
+        pytest.skip(NO_WEED)
+    with weed_s3_server(tmp_path_factory.mktemp("weed")) as server:
+        yield server
+
+
 def tiny_llama(seed: int = 0, **overrides):
     """A random 4-layer LLaMA built in code (no downloads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -63,3 +74,26 @@ def tiny_tokenizer():
         pad_token="<pad>",
         unk_token="<unk>",
     )
+
+
+def search_model(dtype=torch.float32, **config):
+    """A tiny LLaMA in search mode (3 experts of rank 2, top-1, no dropout) and its adapter,
+    the LoRA weights moved off their zero start so GSV gradients are not zero."""
+    from guilomo.moe.search import inject_search, weight_parameters
+
+    # eager attention: the exact HVP of test_bilevel needs double backward, which SDPA lacks
+    model = tiny_llama(num_hidden_layers=2, attn_implementation="eager").to(dtype)
+    adapter = inject_search(
+        model,
+        base_model="tiny",
+        max_experts=3,
+        max_rank=2,
+        top_k=1,
+        lora_dropout=0.0,
+        seed=1,
+        **config,
+    )
+    with torch.no_grad():  # B = 0 at init would zero the GSV gradients; move off it
+        for p in weight_parameters(adapter).values():
+            p.add_(0.1 * torch.randn_like(p))
+    return model, adapter

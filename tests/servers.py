@@ -271,6 +271,14 @@ def client_env(server: WeedS3Server, tmp: Path) -> dict[str, str]:
     }
 
 
+def point_env_at(server: WeedS3Server, monkeypatch: Any, tmp: Path) -> None:
+    """Point this process's S3 client at `server` (and nothing else) through `monkeypatch`."""
+    for var in AWS_UNSET:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in client_env(server, tmp).items():
+        monkeypatch.setenv(var, value)
+
+
 # The `mlflow server` flags the tests use; charts/guilomo reuses the same list for the
 # in-cluster server (with its own host, port, database URI and S3 artifacts destination).
 # Artifacts are proxied (`--serve-artifacts`): clients upload through the server and never

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import search_model
 from guilomo.moe import RouterConfig
-from guilomo.moe.search import gsv_parameters, inject_search, weight_parameters
+from guilomo.moe.search import gsv_parameters, weight_parameters
 from guilomo.stages.bilevel import BilevelSearch
 
 
@@ -18,25 +18,6 @@ def batches(seed=0):
         ids = torch.randint(0, 64, (2, 6), generator=g)
         out.append({"input_ids": ids, "labels": ids})
     return out
-
-
-def search_model(dtype=torch.float32, **config):
-    # eager attention: the exact HVP below needs double backward, which SDPA lacks on CPU
-    model = tiny_llama(num_hidden_layers=2, attn_implementation="eager").to(dtype)
-    adapter = inject_search(
-        model,
-        base_model="tiny",
-        max_experts=3,
-        max_rank=2,
-        top_k=1,
-        lora_dropout=0.0,
-        seed=1,
-        **config,
-    )
-    with torch.no_grad():  # B = 0 at init would zero the GSV gradients; move off it
-        for p in weight_parameters(adapter).values():
-            p.add_(0.1 * torch.randn_like(p))
-    return model, adapter
 
 
 def naive_loss(model, adapter, batch):

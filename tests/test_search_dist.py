@@ -15,9 +15,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import tiny_llama
+from conftest import search_model, tiny_llama
 from guilomo.moe import LossConfig
-from guilomo.moe.search import inject_search, weight_parameters
 from guilomo.stages.bilevel import BilevelSearch, shard
 from guilomo.stages.search import STATE_TENSORS
 from sft_helpers import base_and_data
@@ -53,24 +52,6 @@ def test_shard_weights_are_the_shares_of_label_tokens_and_rows():
     assert empty.batch is None and empty.ce_weight == 0.0
 
 
-def search_model(balance_coef):
-    model = tiny_llama(num_hidden_layers=2).double()
-    adapter = inject_search(
-        model,
-        base_model="tiny",
-        max_experts=3,
-        max_rank=2,
-        top_k=1,
-        lora_dropout=0.0,
-        seed=1,
-        losses=LossConfig(balance_coef=balance_coef),
-    )
-    with torch.no_grad():  # B = 0 at init would zero the GSV gradients; move off it
-        for p in weight_parameters(adapter).values():
-            p.add_(0.1 * torch.randn_like(p))
-    return model, adapter
-
-
 def shard_sum(search, batch, wrt, world_size):
     """The sum over `world_size` simulated processes of their shard gradients and CE."""
     grads, ce = None, 0.0
@@ -84,7 +65,7 @@ def shard_sum(search, batch, wrt, world_size):
 @pytest.mark.parametrize("world_size", [2, 3, 8])
 def test_sharded_ce_gradient_is_the_whole_batch_gradient(world_size):
     """Router losses off: any number of processes gives the one-process gradient."""
-    model, adapter = search_model(balance_coef=0.0)
+    model, adapter = search_model(torch.float64, losses=LossConfig(balance_coef=0.0))
     search = BilevelSearch(model, adapter, total_steps=4)
     batch = padded_batch()
     wrt = list(search.w.values()) + list(search.alpha.values())
@@ -100,7 +81,7 @@ def test_sharded_ce_gradient_is_the_whole_batch_gradient(world_size):
 def test_sharded_router_loss_is_averaged_over_shards():
     """Router losses on: CE of the whole batch plus the row-weighted mean of the shards'
     router losses, each taken by plain forward passes."""
-    model, adapter = search_model(balance_coef=0.5)
+    model, adapter = search_model(torch.float64, losses=LossConfig(balance_coef=0.5))
     search = BilevelSearch(model, adapter, total_steps=4)
     batch = padded_batch()
     wrt = list(search.w.values())
@@ -129,7 +110,7 @@ def test_router_load_covers_every_routed_module_even_uncounted():
     processes send the same list; the shares are of the counted selections."""
     from guilomo.stages.search import router_load
 
-    model, adapter = search_model(balance_coef=0.0)
+    model, adapter = search_model(torch.float64, losses=LossConfig(balance_coef=0.0))
     assert set(router_load(adapter)) == set(adapter.layers)  # nothing counted yet
     assert all(v == [0.0, 0.0, 0.0] for v in router_load(adapter).values())
     model(**padded_batch())

@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_llama, tiny_tokenizer
 from guilomo import cli
 from guilomo.artifacts import MANIFEST, read_artifact
 from guilomo.storage import (
@@ -35,32 +34,19 @@ from guilomo.storage import (
 from servers import (
     AWS_UNSET,
     BUCKET,
-    NO_WEED,
     client_env,
-    find_weed,
-    weed_s3_server,
+    point_env_at,
 )
-from sft_helpers import allocation, model_and_tokenizer, prepared
+from sft_helpers import allocation, base_and_data, model_and_tokenizer, prepared
 
 GUILOMO = str(Path(sys.executable).parent / "guilomo")
 STEPS = 24  # SFT steps of the checkpoint tests: long enough to be seen mid-run
 
 
-@pytest.fixture(scope="module")
-def weed(tmp_path_factory):
-    if find_weed() is None:
-        pytest.skip(NO_WEED)
-    with weed_s3_server(tmp_path_factory.mktemp("weed")) as server:
-        yield server
-
-
 @pytest.fixture
 def env(weed, monkeypatch, tmp_path):
     """This process pointed at the server, with its own artifact cache."""
-    for var in AWS_UNSET:
-        monkeypatch.delenv(var, raising=False)
-    for var, value in client_env(weed, tmp_path).items():
-        monkeypatch.setenv(var, value)
+    point_env_at(weed, monkeypatch, tmp_path)
     monkeypatch.setenv("GUILOMO_CACHE", str(tmp_path / "cache"))
     return weed
 
@@ -68,23 +54,16 @@ def env(weed, monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def world(weed, tmp_path_factory):
     """A tiny base model folder, and a PreparedDataset and an Allocation on S3."""
-    root = tmp_path_factory.mktemp("s3world")
-    tok = tiny_tokenizer()
-    model = tiny_llama(vocab_size=len(tok), initializer_range=0.2, num_hidden_layers=2)
-    model.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    root = base_and_data(tmp_path_factory.mktemp("s3world"))
     prefix = f"s3://{BUCKET}/stages-{uuid.uuid4().hex[:8]}"
     with pytest.MonkeyPatch.context() as mp:
-        for var in AWS_UNSET:
-            mp.delenv(var, raising=False)
-        for var, value in client_env(weed, root).items():
-            mp.setenv(var, value)
+        point_env_at(weed, mp, root)
         from guilomo.stages.allocate import AllocateConfig, run_allocate
 
         run_allocate(
             AllocateConfig(base_model=str(root / "base"), preset="2468", rank=4), root / "alloc"
         )
-        put_artifact(prepared(root / "data"), f"{prefix}/inputs/data")
+        put_artifact(root / "data", f"{prefix}/inputs/data")
         put_artifact(root / "alloc", f"{prefix}/inputs/alloc")
 
     def environ(cache: Path) -> dict[str, str]:
@@ -276,8 +255,7 @@ def full_sft(world, tmp_path_factory):
     environ = world.environ(tmp / "cache")
     seen_step, seen_running = None, False
     with pytest.MonkeyPatch.context() as mp:
-        for var, value in client_env(world.server, tmp).items():
-            mp.setenv(var, value)
+        point_env_at(world.server, mp, tmp)
         with open(tmp / "log", "w") as log:
             proc = subprocess.Popen(
                 [GUILOMO, *map(str, args)], stdout=log, stderr=subprocess.STDOUT, env=environ

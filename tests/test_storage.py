@@ -29,13 +29,12 @@ from guilomo.storage import (
     open_store,
 )
 from servers import (
-    AWS_UNSET,
     BUCKET,
     NO_WEED,
     WeedS3Server,
-    client_env,
     find_weed,
     free_ports,
+    point_env_at,
     weed_s3_server,
 )
 
@@ -46,24 +45,9 @@ SMALL_PARTS = TransferSettings(multipart_threshold=4 * MiB, multipart_chunksize=
 
 
 # -- fixtures ------------------------------------------------------------------------------
-def _point_env_at(server: WeedS3Server, monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
-    for var in AWS_UNSET:
-        monkeypatch.delenv(var, raising=False)
-    for var, value in client_env(server, tmp).items():
-        monkeypatch.setenv(var, value)
-
-
-@pytest.fixture(scope="module")
-def weed(tmp_path_factory):
-    if find_weed() is None:
-        pytest.skip(NO_WEED)
-    with weed_s3_server(tmp_path_factory.mktemp("weed")) as server:
-        yield server
-
-
 @pytest.fixture
 def s3_env(weed, monkeypatch, tmp_path):
-    _point_env_at(weed, monkeypatch, tmp_path)
+    point_env_at(weed, monkeypatch, tmp_path)
     return weed
 
 
@@ -184,7 +168,7 @@ def test_upload_survives_server_restart(tmp_path_factory, tmp_path, monkeypatch,
     payload = set(read_artifact(src).files)
 
     with weed_s3_server(tmp_path_factory.mktemp("weed-fault")) as server:
-        _point_env_at(server, monkeypatch, tmp_path)
+        point_env_at(server, monkeypatch, tmp_path)
         uri = f"s3://{BUCKET}/fault/adapter"
         transfer = TransferSettings(
             multipart_threshold=4 * MiB,
