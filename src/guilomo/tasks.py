@@ -106,21 +106,16 @@ def preprocess_task(config: dict, out: Io, tracking: Tracking) -> dict[str, Any]
 def search_task(config: dict, dataset: Io, out: Io, tracking: Tracking) -> int:
     """With `tracking.gpus` > 1 (and not yet under torchrun), the task runs itself again under
     torchrun, one process per GPU of the node; rank 0 tracks and writes the state."""
-    if (tracking.gpus or 0) > 1 and "WORLD_SIZE" not in os.environ:
-        _under_torchrun(
-            "search", int(tracking.gpus), config=config, dataset=dataset, out=out, tracking=tracking
-        )
+    if _under_torchrun("search", tracking, config=config, dataset=dataset, out=out):
         from .artifacts import read_artifact
 
         return int(read_artifact(out.path).metadata["steps"])
 
-    from .distributed import init_distributed, world
+    from .distributed import world
     from .stages.search import SearchConfig, run_search_stage
 
     cfg = SearchConfig.model_validate(config)
-    init_distributed()
-    if world()[0] != 0:  # one child run per stage: only rank 0 of a torchrun job tracks
-        tracking = replace(tracking, parent_run_id="")
+    tracking = _rank_tracking(tracking)
     with tracking.tracker("search", cfg, {"dataset": dataset}) as tr:
         t0 = time.perf_counter()
         result = run_search_stage(
@@ -184,9 +179,12 @@ def torchrun_command(task: str, nproc: int, args_file: Path) -> list[str]:
     ]
 
 
-def _under_torchrun(task: str, nproc: int, **kwargs: Any) -> None:
-    """Run `task` again under torchrun with the same arguments (JSON in a temporary file);
-    a failed rank fails the task."""
+def _under_torchrun(task: str, tracking: Tracking, **kwargs: Any) -> bool:
+    """With `tracking.gpus` > 1 and not yet under torchrun: run `task` again under torchrun,
+    one process per GPU, with the same arguments (JSON in a temporary file), and return
+    True; a failed rank fails the task. Otherwise return False: this process does the work."""
+    if (tracking.gpus or 0) <= 1 or "WORLD_SIZE" in os.environ:
+        return False
     import json
     import subprocess
     import tempfile
@@ -198,14 +196,25 @@ def _under_torchrun(task: str, nproc: int, **kwargs: Any) -> None:
             return {"tracking": v.__dict__}
         return v
 
+    nproc = int(tracking.gpus)
     with tempfile.TemporaryDirectory() as tmp:
         args_file = Path(tmp) / "args.json"
-        args_file.write_text(json.dumps({k: plain(v) for k, v in kwargs.items()}))
+        args = {k: plain(v) for k, v in kwargs.items()} | {"tracking": plain(tracking)}
+        args_file.write_text(json.dumps(args))
         cmd = torchrun_command(task, nproc, args_file)
         _say(f"{task}: {nproc} processes: {' '.join(cmd)}")
         code = subprocess.run(cmd, check=False).returncode
     if code != 0:
         raise RuntimeError(f"{task} under torchrun failed with exit code {code}; see the log above")
+    return True
+
+
+def _rank_tracking(tracking: Tracking) -> Tracking:
+    """Join torchrun's process group (if any); only rank 0 tracks: one child run per stage."""
+    from .distributed import init_distributed, world
+
+    init_distributed()
+    return tracking if world()[0] == 0 else replace(tracking, parent_run_id="")
 
 
 def _from_args_file(path: Path) -> dict[str, Any]:
@@ -228,27 +237,18 @@ def sft_task(config: dict, dataset: Io, allocation: Io, out: Io, tracking: Track
 
     from .artifacts import read_artifact
 
-    if (tracking.gpus or 0) > 1 and "WORLD_SIZE" not in os.environ:
-        _under_torchrun(
-            "sft",
-            int(tracking.gpus),
-            config=config,
-            dataset=dataset,
-            allocation=allocation,
-            out=out,
-            tracking=tracking,
-        )
+    if _under_torchrun(
+        "sft", tracking, config=config, dataset=dataset, allocation=allocation, out=out
+    ):
         return float(read_artifact(out.path).metadata["final_loss"])
 
-    from .distributed import init_distributed, world
+    from .distributed import world
     from .plots import loss_curve
     from .stages.allocate import read_allocation
     from .stages.sft import SftConfig, run_sft
 
     cfg = SftConfig.model_validate(config)
-    init_distributed()
-    if world()[0] != 0:  # one child run per stage: only rank 0 of a torchrun job tracks
-        tracking = replace(tracking, parent_run_id="")
+    tracking = _rank_tracking(tracking)
     with tracking.tracker("sft", cfg, {"dataset": dataset, "allocation": allocation}) as tr:
         t0 = time.perf_counter()
         result = run_sft(

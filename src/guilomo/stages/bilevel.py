@@ -138,7 +138,9 @@ class BilevelSearch:
     # -- the upper level --------------------------------------------------------------
     def upper_gradient(self, train: Batch, val: Batch) -> tuple[list[torch.Tensor], dict]:
         """g_alpha for the configured order (does not change any parameter or optimiser)."""
-        train, val = shard(train, self.rank, self.world), shard(val, self.rank, self.world)
+        return self._upper(shard(train, self.rank, self.world), shard(val, self.rank, self.world))
+
+    def _upper(self, train: Shard, val: Shard) -> tuple[list[torch.Tensor], dict]:
         alpha = list(self.alpha.values())
         if self.order == "first":
             g_alpha, ce = self.grad(val, alpha)
@@ -168,14 +170,14 @@ class BilevelSearch:
         """One bilevel step on a train and a validation batch (whole batches: under torchrun
         every process passes the same ones and takes its own rows)."""
         self.model.train()
-        g_alpha, info = self.upper_gradient(train, val)
+        train_part = shard(train, self.rank, self.world)
+        g_alpha, info = self._upper(train_part, shard(val, self.rank, self.world))
         for p, g in zip(self.alpha.values(), g_alpha, strict=True):
             p.grad = g
         self.opt_alpha.step()
         self.opt_alpha.zero_grad(set_to_none=True)
         if self.order == "first":
-            part = shard(train, self.rank, self.world)
-            g_w, info["train_loss"] = self.grad(part, list(self.w.values()))
+            g_w, info["train_loss"] = self.grad(train_part, list(self.w.values()))
         else:
             g_w, self._g_train = self._g_train, None
         for p, g in zip(self.w.values(), g_w, strict=True):

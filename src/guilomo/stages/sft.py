@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -41,7 +40,7 @@ from ..artifacts import ArtifactWriter, config_hash
 from ..checkpoint import load_optimizer_state, optimizer_state, optimizer_state_dict
 from ..data.prepared import read_split
 from ..data.prompts import collate, length_grouped_batches, load_template, tokenize_example
-from ..distributed import step_seed, world
+from ..distributed import all_reduce_sum, barrier, step_seed, world
 from ..moe.config import Allocation, LossConfig, MoeConfig, RouterConfig
 from ..moe.model import MoeAdapter, inject_adapter
 from ..remote import pull_checkpoints, push_checkpoints
@@ -169,7 +168,7 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> None:
 
     if device.type == "cuda":
         torch.cuda.set_device(device)  # FSDP2 gathers on the current device
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = init_device_mesh(device.type, (world()[1],))
     for layer in reversed(decoder_layers(model)):  # inner units before outer ones
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -417,10 +416,13 @@ class SftTrainer:
                 step_loss += out.loss.detach() / len(mine)
                 step_tokens += int(batch["attention_mask"].sum())
             if self.world > 1:
-                if not self.fsdp:  # FSDP's reduce-scatter has averaged them already
-                    for p in self.params:
-                        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+                if self.fsdp:  # its reduce-scatter has averaged the gradients already
+                    (step_loss,) = all_reduce_sum([step_loss])
+                else:  # one collective for every adapter gradient and the loss
+                    *grads, step_loss = all_reduce_sum([*(p.grad for p in self.params), step_loss])
+                    for p, g in zip(self.params, grads, strict=True):
+                        p.grad = g.div_(self.world)
+                step_loss /= self.world
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
@@ -440,8 +442,7 @@ class SftTrainer:
                 self.save_checkpoint(ckpt_dir)  # every process: FSDP gathers, rank 0 writes
                 if self.rank == 0 and on_checkpoint is not None:
                     on_checkpoint()
-                if self.world > 1:
-                    dist.barrier()
+                barrier()
         elapsed = max(time.perf_counter() - t0, 1e-9)
         return SftResult(
             out=Path(),
@@ -496,8 +497,7 @@ def run_sft(
     if checkpoint_uri is not None:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per machine
             pull_checkpoints(checkpoint_uri, Path(checkpoints))
-        if trainer.world > 1:
-            dist.barrier()
+        barrier()
         push = functools.partial(push_checkpoints, Path(checkpoints), checkpoint_uri)
     if checkpoints is not None:
         trainer.load_checkpoint(Path(checkpoints))
