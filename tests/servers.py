@@ -64,20 +64,114 @@ def free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
-class WeedS3Server:
+class ServerProcess:
+    """A server run as one child process: spawned with its output in `log_path`, waited for
+    over HTTP, stopped by PID (SIGTERM, then SIGKILL), children included."""
+
+    name = "server"
+    stop_timeout = 5.0
+
+    def __init__(self, workdir: Path, log_name: str) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / log_name
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _spawn(self, env: dict[str, str] | None = None) -> None:
+        if self.running():
+            raise RuntimeError(f"{self.name} already running (pid {self.pid})")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=env,
+            )
+
+    def _wait_http(self, url: str, timeout: float) -> None:
+        """Until GET `url` answers 200; the process exiting or `timeout` stops it and raises."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} not started")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with status {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                with opener.open(url, timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.name} not healthy after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the process by PID: SIGTERM, then SIGKILL after `timeout` seconds. A child
+        that outlives its parent (e.g. mlflow's uvicorn worker) is killed by its own PID."""
+        if self.proc is None:
+            return
+        timeout = self.stop_timeout if timeout is None else timeout
+        children = []
+        if self.proc.poll() is None:
+            try:
+                import psutil
+
+                children = psutil.Process(self.proc.pid).children(recursive=True)
+            except Exception:  # psutil missing or the process just exited
+                children = []
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        for child in children:
+            with contextlib.suppress(Exception):
+                child.wait(timeout)
+            with contextlib.suppress(Exception):
+                if child.is_running():
+                    child.kill()
+        self.proc = None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(lines[-n:])
+
+
+class WeedS3Server(ServerProcess):
     """One `weed server -s3` process; restartable on the same ports and data folder."""
 
+    name = "weed"
+    stop_timeout = 2.0  # weed's own graceful shutdown lingers ~15 s after its parts stop
+
     def __init__(self, workdir: Path, weed: str) -> None:
+        super().__init__(workdir, "weed.log")
         self.weed = weed
-        self.workdir = Path(workdir)
         self.data = self.workdir / "data"
         self.data.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / "weed.log"
         self.config_path = self.workdir / "s3.json"
         self.ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.access_key, self.secret_key, self.region = ACCESS_KEY, SECRET_KEY, REGION
-        self.proc: subprocess.Popen | None = None
         identity = {
             "name": "admin",
             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
@@ -116,55 +210,10 @@ class WeedS3Server:
             f"-s3.config={self.config_path}",
         ]
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def start(self, timeout: float = 45.0) -> None:
         """Start the server and wait until its S3 API is healthy (bounded by `timeout`)."""
-        if self.running():
-            raise RuntimeError(f"weed already running (pid {self.pid})")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-            )
-        deadline = time.monotonic() + timeout
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"weed exited with status {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with opener.open(f"{self.endpoint}/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"weed not healthy after {timeout:.0f}s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop the process by PID: SIGTERM, then SIGKILL after `timeout` seconds (weed's own
-        graceful shutdown lingers ~15 s after its components have stopped)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self.proc = None
+        self._spawn()
+        self._wait_http(f"{self.endpoint}/healthz", timeout)
 
     def kill(self) -> None:
         """SIGKILL the process by PID (a crash: no clean shutdown)."""
@@ -177,13 +226,6 @@ class WeedS3Server:
         self.kill()
         time.sleep(downtime)
         self.start()
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(lines[-n:])
 
     def env(self) -> dict[str, str]:
         """Environment variables that point `guilomo.storage` at this server."""
@@ -307,20 +349,19 @@ def mlflow_server_args(**values: str) -> list[str]:
     return [flag.format(**values) for flag in MLFLOW_SERVER_FLAGS]
 
 
-class MlflowServer:
+class MlflowServer(ServerProcess):
     """One real `mlflow server` process (sqlite backend, proxied local artifacts) on
     127.0.0.1 and a free port."""
 
+    name = "mlflow server"
+
     def __init__(self, workdir: Path) -> None:
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / "mlflow-server.log"
+        super().__init__(workdir, "mlflow-server.log")
         self.db_path = self.workdir / "mlflow.db"
         self.artifacts = self.workdir / "artifacts"
         self.port = free_ports(1)[0]
         self.host = "127.0.0.1"
         self.uri = f"http://{self.host}:{self.port}"
-        self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
         self._started_at = 0.0
 
@@ -339,19 +380,10 @@ class MlflowServer:
             ),
         ]
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def start(self, timeout: float = 60.0, *, wait: bool = True) -> None:
         """Start the server; with `wait`, block until GET /health answers 200 (bounded by
         `timeout`). `wait=False` returns at once, so a caller can work while the server boots
         (about 6-8 s, mostly imports and the database migrations) and `wait_healthy()` later."""
-        if self.running():
-            raise RuntimeError(f"mlflow server already running (pid {self.pid})")
         env = {
             **os.environ,
             **MLFLOW_SERVER_ENV,
@@ -360,15 +392,7 @@ class MlflowServer:
         }
         env.pop("MLFLOW_TRACKING_URI", None)
         self._started_at = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                env=env,
-            )
+        self._spawn(env)
         if wait:
             self.wait_healthy(timeout)
 
@@ -376,61 +400,12 @@ class MlflowServer:
         """Wait until GET /health answers 200; `startup_seconds` records the time from start."""
         if self.startup_seconds is not None and self.running():
             return
-        if self.proc is None:
-            raise RuntimeError("mlflow server not started")
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited with status {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with opener.open(f"{self.uri}/health", timeout=1) as r:
-                    if r.status == 200:
-                        self.startup_seconds = time.monotonic() - self._started_at
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"mlflow server not healthy after {timeout:.0f}s:\n{self.log_tail()}")
+        self._wait_http(f"{self.uri}/health", timeout)
+        self.startup_seconds = time.monotonic() - self._started_at
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the process by PID: SIGTERM, then SIGKILL after `timeout` seconds. `mlflow
-        server` runs uvicorn as a child process and forwards SIGTERM to it; a child that
-        outlives its parent (after a SIGKILL) is killed by its own PID."""
-        if self.proc is None:
-            return
-        children = []
-        if self.proc.poll() is None:
-            try:
-                import psutil
-
-                children = psutil.Process(self.proc.pid).children(recursive=True)
-            except Exception:  # psutil missing or the process just exited
-                children = []
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        for child in children:
-            with contextlib.suppress(Exception):
-                child.wait(timeout)
-            with contextlib.suppress(Exception):
-                if child.is_running():
-                    child.kill()
-        self.proc = None
+    def stop(self, timeout: float | None = None) -> None:
+        super().stop(timeout)
         self.startup_seconds = None
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(lines[-n:])
 
 
 @contextlib.contextmanager
