@@ -9,8 +9,9 @@ A stage reads and writes local folders; this module puts URIs around them.
 * `StageIO(out)`: the stage writes its artifact to `io.out_path`, then `io.publish()` puts it
   at `out`: `put_artifact` (payload first, `manifest.json` last) for s3://, a rename for a
   local folder. Manifest `parents` name the URIs the user gave, never the cache folders.
-* `checkpoint_folder(uri)`: the local working copy of a checkpoint URI; `pull_checkpoints`
-  and `push_checkpoints` mirror it with `sync_dir_down` / `sync_dir_up`.
+* `checkpoint_folder(uri)`: the local working copy of a checkpoint URI; `mirror_checkpoints`
+  pulls it and returns the push (`pull_checkpoints` / `push_checkpoints`, with
+  `sync_dir_down` / `sync_dir_up`).
 
     with StageIO("s3://bucket/runs/42/allocation") as io:
         state = io.input("s3://bucket/runs/42/search", "SearchState")   # a cache folder
@@ -23,6 +24,7 @@ AWS_SECRET_ACCESS_KEY; see `guilomo.storage`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,6 +32,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlparse
@@ -218,6 +221,22 @@ def pull_checkpoints(uri: str, local: Path) -> bool:
     found = sync_dir_down(uri, local) is not None
     log.info("%s: %s", uri, f"checkpoint pulled to {local}" if found else "no checkpoint yet")
     return found
+
+
+def mirror_checkpoints(uri: str | None, local: Path | None) -> Callable[[], None] | None:
+    """Make `local` a working copy of the checkpoint folder at `uri`: pull it now (once per
+    machine under torchrun, the other processes waiting) and return the push to call after
+    every save. None when there is no `uri`."""
+    if uri is None:
+        return None
+    if local is None:
+        raise ValueError("a checkpoint URI mirrors a local folder: give the local one as well")
+    from .distributed import barrier
+
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        pull_checkpoints(uri, Path(local))
+    barrier()
+    return functools.partial(push_checkpoints, Path(local), uri)
 
 
 def push_checkpoints(local: Path, uri: str) -> None:

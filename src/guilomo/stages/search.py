@@ -24,7 +24,6 @@ Output folder:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +42,7 @@ from ..distributed import all_reduce_sum, barrier, step_seed, world
 from ..moe.config import LossConfig, Placement
 from ..moe.model import MoeAdapter
 from ..moe.search import inject_search, module_shapes
-from ..remote import pull_checkpoints, push_checkpoints
+from ..remote import mirror_checkpoints
 from .bilevel import Batch, BilevelSearch
 
 STATE_JSON = "search_state.json"
@@ -410,12 +409,7 @@ def run_search_stage(
     train = [{k: v.to(device) for k, v in b.items()} for b in train]
     val = [{k: v.to(device) for k, v in b.items()} for b in val]
     run = SearchRun(model, config, base_model=config.base_model)
-    push = None
-    if checkpoint_uri is not None:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per machine
-            pull_checkpoints(checkpoint_uri, Path(checkpoints))
-        barrier()
-        push = functools.partial(push_checkpoints, Path(checkpoints), checkpoint_uri)
+    push = mirror_checkpoints(checkpoint_uri, Path(checkpoints))
     result = run.run(
         train, val, Path(checkpoints), progress=progress, on_step=on_step, on_checkpoint=push
     )

@@ -20,7 +20,6 @@ is called on rank 0 after every optimiser step (loss, learning rate, tokens per 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from ..data.prompts import collate, length_grouped_batches, load_template, token
 from ..distributed import all_reduce_sum, barrier, step_seed, world
 from ..moe.config import Allocation, LossConfig, MoeConfig, RouterConfig
 from ..moe.model import MoeAdapter, inject_adapter
-from ..remote import pull_checkpoints, push_checkpoints
+from ..remote import mirror_checkpoints
 from .bilevel import linear_schedule
 
 if TYPE_CHECKING:
@@ -493,12 +492,7 @@ def run_sft(
             device = torch.device("cpu")
         model, tokenizer = load_model(config.base_model, dtype=dtype, device=device)
     trainer = SftTrainer(config, allocation, model, tokenizer, records)
-    push = None
-    if checkpoint_uri is not None:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per machine
-            pull_checkpoints(checkpoint_uri, Path(checkpoints))
-        barrier()
-        push = functools.partial(push_checkpoints, Path(checkpoints), checkpoint_uri)
+    push = mirror_checkpoints(checkpoint_uri, checkpoints)
     if checkpoints is not None:
         trainer.load_checkpoint(Path(checkpoints))
     result = trainer.train(
