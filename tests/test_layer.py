@@ -336,17 +336,27 @@ def test_frozen_linear_base_takes_the_shared_input_path(p):
     assert ("_SharedInputDropoutBackward" if p else "_SharedInputBackward") in nodes
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_dropout_keeps_each_input_with_probability_1_minus_p(dtype):
-    """Over 10^6 inputs the kept share is within 5 standard deviations of 1 - p, the kept
-    values are scaled by 1 / (1 - p), and eval mode is the identity."""
+@pytest.mark.parametrize(
+    "p,n,dtype",
+    [
+        (0.05, 1_000_000, torch.float32),
+        (0.05, 1_000_000, torch.bfloat16),
+        # one kept bit pattern in 2^16: a threshold off by one keeps twice as many or none
+        (65535 / 65536, 1 << 24, torch.float32),
+    ],
+)
+def test_lora_dropout_keeps_each_input_with_probability_1_minus_p(p, n, dtype):
+    """Over n inputs the kept share is within 5 standard deviations of 1 - p, the kept
+    values are scaled by 1 / (1 - p') with p' = p rounded to a multiple of 2^-16 (the mask's
+    resolution), and eval mode is the identity."""
     from guilomo.moe.layer import LoraDropout
 
-    p, n = 0.05, 1_000_000
     drop = LoraDropout(p).train()
     x = torch.ones(n, dtype=dtype)
     y = drop(x)
     kept = y != 0
     assert abs(kept.double().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    p_rounded = round(p * 65536) / 65536
+    assert abs(p_rounded - p) <= 2**-17
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p_rounded)))
     assert drop.eval()(x) is x
