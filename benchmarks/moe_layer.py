@@ -21,7 +21,9 @@ drop the layer input once, the MoLA loop drops each expert's gathered tokens (it
 One iteration is: zero the grads (set_to_none), forward, ``y.backward(g)`` with one fixed random
 ``g``. All four methods share the same base layer, the same ``x`` and the same ``g``. After two
 warm-up iterations each, the methods are timed round-robin (the starting method rotates every
-round) and the median per method is kept, so machine noise hits all methods alike. Before timing,
+round). Each ratio is the median over the rounds of that round's ratio (e.g. mola / guilomo of
+the same round), so slow drift of the machine's speed cancels; the ms columns are the medians
+per method. Before timing,
 each case checks that the guilomo output (and input gradient) equals the MoLA loop's for the same
 weights, so the comparison is apples to apples; the run aborts otherwise.
 
@@ -387,7 +389,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=None,
-        help="timed rounds per case (default 11 at d=1024, 7 at 4096)",
+        help="timed rounds per case (default 21 at d=1024, 15 at 4096)",
     )
     p.add_argument(
         "--warmup", type=int, default=2, help="warm-up iterations per method (default 2)"
@@ -422,7 +424,7 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
     for d_in, d_out in ((1024, 1024), (4096, 4096), (4096, 11008)):
         small = d_in <= 1024
         tokens = 2048 if small else 512
-        rounds = 11 if small else 7
+        rounds = 21 if small else 15
         if args.quick:
             tokens, rounds = tokens // 4, (3 if small else 2)
         if args.tokens is not None:
@@ -474,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile_guilomo(built, rows=15)
         med = {n: statistics.median(s) for n, s in samples.items()}
+
+        def paired(num: str, den: str) -> float:
+            return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
+
         spread = {
             n: (max(s) - min(s)) / statistics.median(s) if len(s) > 1 else 0.0
             for n, s in samples.items()
@@ -483,9 +489,9 @@ def main(argv: list[str] | None = None) -> int:
             "active_rank": built["active_rank"],
             "flop_floor_vs_base": round(flop_floor(case), 3),
             "ms": {n: round(v * 1e3, 2) for n, v in med.items()},
-            "vs_base": round(med["guilomo"] / med["base"], 3),
-            "vs_lora": round(med["guilomo"] / med["lora"], 3),
-            "mola_loop_speedup": round(med["mola"] / med["guilomo"], 3),
+            "vs_base": round(paired("guilomo", "base"), 3),
+            "vs_lora": round(paired("guilomo", "lora"), 3),
+            "mola_loop_speedup": round(paired("mola", "guilomo"), 3),
             "spread": {n: round(v, 3) for n, v in spread.items()},
             "other_load_cores": None if other is None else round(other, 2),
         }
@@ -513,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         "spread = (max - min) / median over the timed rounds, worst method; /base and /lora are "
-        "guilomo's time over theirs (lower is better); (floor) = guilomo's FLOPs over base's;\n"
+        "guilomo's time over theirs (lower is better), medians of per-round ratios; "
+        "(floor) = guilomo's FLOPs over base's;\n"
         "load = cores used by other processes while the case was timed."
     )
     disturbed = [c.name for c, r in rows if (r["other_load_cores"] or 0.0) > LOAD_WARN]
