@@ -7,6 +7,8 @@ allocation: top-2 of 8 experts, uniform rank 8 or heterogeneous ranks [4,4,6,6,8
               weight is frozen but the gradient flows on to the layer below);
 * ``guilomo`` ``guilomo.moe.LoraMoeLinear`` with its fused expert path (two thin matmuls over
               the concatenated experts; lora_A, lora_B and the router trainable);
+* ``matmuls`` guilomo's matrix products alone (its no-dropout path, routing fixed in advance):
+              the cost of the layer if routing and elementwise work were free;
 * ``lora``    plain LoRA at the same *active* rank (top_k * mean rank = 16):
               ``y = base(x) + (x @ A.T) @ B.T * alpha / r``;
 * ``mola``    the MoLA research code's method: router -> softmax -> top-k renormalised, then a
@@ -27,7 +29,8 @@ per method. Before timing,
 each case checks that the guilomo output (and input gradient) equals the MoLA loop's for the same
 weights, so the comparison is apples to apples; the run aborts otherwise.
 
-Reported ratios: ``vs_base`` = guilomo / base, ``vs_lora`` = guilomo / lora and
+Reported ratios: ``vs_base`` = guilomo / base, ``vs_matmuls`` = guilomo / matmuls,
+``matmuls_vs_base`` = matmuls / base, ``vs_lora`` = guilomo / lora and
 ``mola_loop_speedup`` = mola / guilomo. Targets on CPU (2 threads, fp32): vs_base <= 1.10 at the
 4096 sizes, vs_base <= 1.45 at d=1024 and mola_loop_speedup >= 1.6 at d=1024. The last line
 printed on stdout is one JSON object with the ratios, the targets and whether they are met;
@@ -59,7 +62,7 @@ EXPERTS = 8
 TOP_K = 2
 UNIFORM_RANKS = [8] * EXPERTS
 HETERO_RANKS = [4, 4, 6, 6, 8, 10, 12, 14]
-METHODS = ("base", "guilomo", "lora", "mola")
+METHODS = ("base", "guilomo", "matmuls", "lora", "mola")
 
 LOAD_WARN = 0.2  # cores used by other processes above which a case is flagged as disturbed
 
@@ -187,6 +190,45 @@ class MolaLoop(nn.Module):
         return result + out
 
 
+class _Matmuls(torch.autograd.Function):
+    """The fused layer's products without dropout: y = x W0^T + ((x C^T)[:, :R] * G) B^T,
+    C = [A; W_router], G the fixed (N, R) gate; backward: grad_B, grad_C and grad_x."""
+
+    @staticmethod
+    def forward(ctx, x, w0, c, b, gate):
+        rank = b.shape[1]
+        u = (x @ c.t())[:, :rank] * gate
+        ctx.save_for_backward(x, w0, c, b, gate, u)
+        return (x @ w0.t()).addmm_(u, b.t())
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w0, c, b, gate, u = ctx.saved_tensors
+        grad_b = (u.t() @ g).t()
+        grad_z = torch.cat([(g @ b) * gate, g.new_zeros(g.shape[0], c.shape[0] - b.shape[1])], 1)
+        grad_x = (g @ w0).addmm_(grad_z, c)
+        grad_c = (x.t() @ grad_z).t()
+        return grad_x, None, grad_c, grad_b, None
+
+
+class Matmuls(nn.Module):
+    """The matrix products of guilomo's no-dropout path alone, for a routing drawn once."""
+
+    def __init__(self, base: nn.Linear, moe: LoraMoeLinear, tokens: int) -> None:
+        super().__init__()
+        self.base = base
+        self.c = nn.Parameter(torch.cat([moe.lora_A, moe.router.weight]).detach().clone())
+        self.b = nn.Parameter(moe.lora_B.detach().clone())
+        experts = len(moe.ranks)
+        chosen = torch.rand(tokens, experts).topk(TOP_K, dim=-1).indices
+        weights = torch.zeros(tokens, experts).scatter_(1, chosen, 1.0 / TOP_K)
+        gate = weights.to(moe.gate_to_cols) @ moe.gate_to_cols  # (N, R)
+        self.register_buffer("gate", gate.to(self.b.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Matmuls.apply(x, self.base.weight, self.c, self.b, self.gate)
+
+
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
@@ -233,6 +275,7 @@ def build_case(
     modules = {
         "base": BaseOnly(base),
         "guilomo": moe,
+        "matmuls": Matmuls(base, moe, case.tokens).to(device),
         "lora": PlainLora(base, active_rank, alpha, dropout),
         "mola": MolaLoop(base, moe, alpha, TOP_K, dropout),
     }
@@ -350,6 +393,11 @@ def time_case(built: dict, case: Case, device: torch.device, warmup: int) -> dic
             + "  ".join(f"{n}={samples[n][-1] * 1e3:.1f}ms" for n in METHODS)
         )
     return samples
+
+
+def paired(samples: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over the rounds of num's time / den's time in the same round."""
+    return statistics.median(a / b for a, b in zip(samples[num], samples[den], strict=True))
 
 
 def profile_guilomo(built: dict, rows: int) -> None:
@@ -476,10 +524,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile_guilomo(built, rows=15)
         med = {n: statistics.median(s) for n, s in samples.items()}
-
-        def paired(num: str, den: str) -> float:
-            return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
-
         spread = {
             n: (max(s) - min(s)) / statistics.median(s) if len(s) > 1 else 0.0
             for n, s in samples.items()
@@ -489,9 +533,11 @@ def main(argv: list[str] | None = None) -> int:
             "active_rank": built["active_rank"],
             "flop_floor_vs_base": round(flop_floor(case), 3),
             "ms": {n: round(v * 1e3, 2) for n, v in med.items()},
-            "vs_base": round(paired("guilomo", "base"), 3),
-            "vs_lora": round(paired("guilomo", "lora"), 3),
-            "mola_loop_speedup": round(paired("mola", "guilomo"), 3),
+            "vs_base": round(paired(samples, "guilomo", "base"), 3),
+            "vs_matmuls": round(paired(samples, "guilomo", "matmuls"), 3),
+            "matmuls_vs_base": round(paired(samples, "matmuls", "base"), 3),
+            "vs_lora": round(paired(samples, "guilomo", "lora"), 3),
+            "mola_loop_speedup": round(paired(samples, "mola", "guilomo"), 3),
             "spread": {n: round(v, 3) for n, v in spread.items()},
             "other_load_cores": None if other is None else round(other, 2),
         }
@@ -501,8 +547,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Readable table (stdout), then the JSON line.
     header = (
-        f"{'case':<22}{'N':>6}  {'base ms':>9}{'guilomo':>9}{'lora':>9}{'mola':>9}"
-        f"  {'/base':>7}{'(floor)':>8}{'/lora':>7}{'mola/guilomo':>13}  {'spread':>7}{'load':>6}"
+        f"{'case':<22}{'N':>6}  {'base ms':>9}{'guilomo':>9}{'matmuls':>9}{'lora':>9}{'mola':>9}"
+        f"  {'/base':>7}{'(floor)':>8}{'/matmuls':>9}{'/lora':>7}{'mola/guilomo':>13}"
+        f"  {'spread':>7}{'load':>6}"
     )
     print(
         f"device={device_name} dtype={str(dtype).removeprefix('torch.')} threads={torch.get_num_threads()}"
@@ -511,16 +558,18 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for case, r in rows:
         ms = r["ms"]
+        load = r["other_load_cores"]
         print(
             f"{case.name:<22}{case.tokens:>6}  {ms['base']:>9.1f}{ms['guilomo']:>9.1f}"
-            f"{ms['lora']:>9.1f}{ms['mola']:>9.1f}  {r['vs_base']:>6.3f}x{r['flop_floor_vs_base']:>7.3f}x{r['vs_lora']:>6.3f}x"
-            f"{r['mola_loop_speedup']:>12.2f}x  {max(r['spread'].values()):>6.0%}"
-            f"{'?' if r['other_load_cores'] is None else format(r['other_load_cores'], '.2f'):>6}"
+            f"{ms['matmuls']:>9.1f}{ms['lora']:>9.1f}{ms['mola']:>9.1f}"
+            f"  {r['vs_base']:>6.3f}x{r['flop_floor_vs_base']:>7.3f}x{r['vs_matmuls']:>8.3f}x"
+            f"{r['vs_lora']:>6.3f}x{r['mola_loop_speedup']:>12.2f}x"
+            f"  {max(r['spread'].values()):>6.0%}{'?' if load is None else format(load, '.2f'):>6}"
         )
     print(
-        "spread = (max - min) / median over the timed rounds, worst method; /base and /lora are "
-        "guilomo's time over theirs (lower is better), medians of per-round ratios; "
-        "(floor) = guilomo's FLOPs over base's;\n"
+        "spread = (max - min) / median over the timed rounds, worst method; /base, /matmuls and "
+        "/lora are guilomo's time over theirs (lower is better), medians of per-round ratios;\n"
+        "(floor) = guilomo's FLOPs over base's; matmuls = guilomo's matrix products alone; "
         "load = cores used by other processes while the case was timed."
     )
     disturbed = [c.name for c, r in rows if (r["other_load_cores"] or 0.0) > LOAD_WARN]
@@ -560,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
                 k: r[k]
                 for k in (
                     "vs_base",
+                    "vs_matmuls",
+                    "matmuls_vs_base",
                     "vs_lora",
                     "mola_loop_speedup",
                     "flop_floor_vs_base",

@@ -54,3 +54,41 @@ def test_benchmark_prints_json_last(script, args, keys):
     assert r.returncode == 0, r.stderr
     last = json.loads(r.stdout.strip().splitlines()[-1])
     assert keys <= set(last)
+
+
+def _load_benchmark(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layer_benchmark_matmuls_backward_equals_autograd():
+    """The hand-written backward of the "matmuls" method (the layer's products alone) gives
+    the gradients autograd gives for y = x W0^T + ((x C^T)[:, :R] * G) B^T."""
+    import torch
+
+    bench = _load_benchmark("moe_layer")
+    torch.manual_seed(0)
+    n, d_in, d_out, rank, experts = 7, 5, 6, 4, 2
+    x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
+    w0 = torch.randn(d_out, d_in, dtype=torch.float64)
+    c = torch.randn(rank + experts, d_in, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(d_out, rank, dtype=torch.float64, requires_grad=True)
+    gate = torch.rand(n, rank, dtype=torch.float64)
+    g = torch.randn(n, d_out, dtype=torch.float64)
+
+    def grads(fn):
+        for t in (x, c, b):
+            t.grad = None
+        y = fn()
+        y.backward(g)
+        return [y.detach()] + [t.grad.clone() for t in (x, c, b)]
+
+    got = grads(lambda: bench._Matmuls.apply(x, w0, c, b, gate))
+    want = grads(lambda: x @ w0.t() + ((x @ c.t())[:, :rank] * gate) @ b.t())
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e)
