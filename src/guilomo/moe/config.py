@@ -153,7 +153,12 @@ class MoeConfig(_Strict):
         default=16.0, gt=0, description="Expert e is scaled by lora_alpha / rank_e."
     )
     lora_dropout: float = Field(
-        default=0.05, ge=0, lt=1, description="Dropout on the expert input (not the router's)."
+        default=0.05,
+        ge=0,
+        lt=1,
+        description=(
+            "Dropout on the expert input (not the router's); applied as a multiple of 2^-16."
+        ),
     )
     router: RouterConfig = RouterConfig()
     losses: LossConfig = LossConfig()
