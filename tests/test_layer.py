@@ -360,3 +360,20 @@ def test_lora_dropout_keeps_each_input_with_probability_1_minus_p(p, n, dtype):
     assert abs(p_rounded - p) <= 2**-17
     torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p_rounded)))
     assert drop.eval()(x) is x
+
+
+def test_dropout_path_keeps_only_a_bool_mask_beside_the_input():
+    """Activation memory: with dropout on, what the layer keeps for the backward at the
+    input's size is the input itself plus the mask as bool (1 byte per element)."""
+    base = nn.Linear(D_IN, D_OUT).requires_grad_(False)
+    alloc = ModuleAllocation(experts=3, top_k=2, ranks=[2, 3, 4])
+    cfg = MoeConfig(allocation=Allocation(base_model="t", modules={"m": alloc}), lora_dropout=0.3)
+    layer = LoraMoeLinear(base_layer=base, name="m", allocation=alloc, config=cfg).train()
+    x = torch.randn(7, D_IN, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    at_input_size = [t for t in saved if t.numel() == x.numel()]
+    others = [t for t in at_input_size if t.data_ptr() != x.data_ptr()]
+    assert len(at_input_size) > len(others)  # the input itself is kept
+    assert others and all(t.dtype == torch.bool for t in others), [t.dtype for t in others]

@@ -108,22 +108,24 @@ class _SharedInput(torch.autograd.Function):
 class _SharedInputDropout(torch.autograd.Function):
     """With dropout: y0 = x W0^T + b, router logits x W_r^T and u = drop(x) A^T from one x.
 
-    `keep` is the 0/1 dropout mask; the 1/(1-p) scale is applied to A (R x d_in) rather than
-    to the (N x d_in) input. The backward rebuilds drop(x) for grad_A instead of keeping it,
-    and gathers dropout's backward and the three input-gradient terms into one (N, d_in)
-    buffer, where autograd would sum three separate products.
+    `keep` is the dropout mask as bool. Only it and x are kept for the backward: one byte per
+    input element for the mask, where one in the input's dtype takes 2 or 4, and drop(x) is
+    rebuilt for grad_A. The 1/(1-p) scale is applied to A (R x d_in) rather than to the
+    (N x d_in) input. The backward gathers dropout's backward and the three input-gradient
+    terms into one (N, d_in) buffer, where autograd would sum three separate products.
     """
 
     @staticmethod
     def forward(ctx, x, w0, bias, a, w_router, keep, scale):  # noqa: ANN001
         ctx.save_for_backward(x, w0, a, w_router, keep)
         ctx.scale = scale
-        u = F.linear(x * keep, a * scale)  # (N, R)
+        u = F.linear(x * keep.to(x.dtype), a * scale)  # (N, R)
         return F.linear(x, w0, bias), F.linear(x, w_router), u
 
     @staticmethod
     def backward(ctx, grad_y0, grad_logits, grad_u):  # noqa: ANN001
         x, w0, a, w_router, keep = ctx.saved_tensors
+        keep = keep.to(x.dtype)  # 0/1
         grad_x = grad_a = grad_router = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_y0 @ w0).addmm_(grad_logits, w_router)  # (N, d_in)
@@ -161,11 +163,15 @@ class LoraDropout(nn.Module):
 
     def mask(self, h: torch.Tensor) -> torch.Tensor:
         """The 0/1 keep mask shaped like h, in h's dtype; draws from the global RNG."""
+        return self.keep(h).to(h.dtype)
+
+    def keep(self, h: torch.Tensor) -> torch.Tensor:
+        """The keep mask shaped like h, as bool."""
         n = h.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=h.device)
         words.random_(-(1 << 63), None)  # all 64 bits uniform
         bits = words.view(torch.int16)[:n].view(h.shape)  # uniform over -2^15 .. 2^15 - 1
-        return bits.ge(self.dropped_levels - (1 << (self.BITS - 1))).to(h.dtype)
+        return bits.ge(self.dropped_levels - (1 << (self.BITS - 1)))
 
     @property
     def scale(self) -> float:
@@ -336,7 +342,7 @@ class LoraMoeLinear(_MoeBase):
             u, logits = z[:, : a.shape[0]], z[:, a.shape[0] :]
             weights = self._route(h, lead, logits)
         elif plain_router and shared:
-            keep = self.dropout.mask(h)  # (N, d_in)
+            keep = self.dropout.keep(h)  # (N, d_in) bool
             base_out, logits, u = _SharedInputDropout.apply(
                 h, base.weight, base.bias, a, self.router.weight, keep, self.dropout.scale
             )
