@@ -21,13 +21,13 @@ drop the layer input once, the MoLA loop drops each expert's gathered tokens (it
 ``lora_dropout`` module per expert call). The equality check runs with dropout off.
 
 One iteration is: zero the grads (set_to_none), forward, ``y.backward(g)`` with one fixed random
-``g``. All four methods share the same base layer, the same ``x`` and the same ``g``. After two
+``g``. All five methods share the same base layer, the same ``x`` and the same ``g``. After two
 warm-up iterations each, the methods are timed round-robin (the starting method rotates every
 round). Each ratio is the median over the rounds of that round's ratio (e.g. mola / guilomo of
 the same round), so slow drift of the machine's speed cancels; the ms columns are the medians
-per method. Before timing,
-each case checks that the guilomo output (and input gradient) equals the MoLA loop's for the same
-weights, so the comparison is apples to apples; the run aborts otherwise.
+per method. Before timing, each case checks that the guilomo output (and input gradient)
+equals the MoLA loop's for the same weights, so the comparison is apples to apples; the run
+aborts otherwise.
 
 Reported ratios: ``vs_base`` = guilomo / base, ``vs_matmuls`` = guilomo / matmuls,
 ``matmuls_vs_base`` = matmuls / base, ``vs_lora`` = guilomo / lora and
@@ -99,7 +99,7 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The four methods. Each is an nn.Module mapping x (N, d_in) -> y (N, d_out); the base layer is
+# The five methods. Each is an nn.Module mapping x (N, d_in) -> y (N, d_out); the base layer is
 # the same frozen module in all of them.
 # --------------------------------------------------------------------------------------------
 
@@ -222,8 +222,7 @@ class Matmuls(nn.Module):
         experts = len(moe.ranks)
         chosen = torch.rand(tokens, experts).topk(TOP_K, dim=-1).indices
         weights = torch.zeros(tokens, experts).scatter_(1, chosen, 1.0 / TOP_K)
-        gate = weights.to(moe.gate_to_cols) @ moe.gate_to_cols  # (N, R)
-        self.register_buffer("gate", gate.to(self.b.dtype))
+        self.register_buffer("gate", weights.to(moe.gate_to_cols) @ moe.gate_to_cols)  # (N, R)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Matmuls.apply(x, self.base.weight, self.c, self.b, self.gate)
@@ -255,7 +254,7 @@ def make_step(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[
 def build_case(
     case: Case, device: torch.device, dtype: torch.dtype, alpha: float, dropout: float
 ) -> dict:
-    """The four modules of one case, sharing one frozen base layer, plus x and g."""
+    """The five modules of one case, sharing one frozen base layer, plus x and g."""
     torch.manual_seed(0)
     base = nn.Linear(case.d_in, case.d_out, bias=False, device=device, dtype=dtype)
     base.weight.requires_grad_(False)

@@ -161,12 +161,8 @@ class LoraDropout(nn.Module):
     def active(self) -> bool:
         return self.training and self.dropped_levels > 0
 
-    def mask(self, h: torch.Tensor) -> torch.Tensor:
-        """The 0/1 keep mask shaped like h, in h's dtype; draws from the global RNG."""
-        return self.keep(h).to(h.dtype)
-
     def keep(self, h: torch.Tensor) -> torch.Tensor:
-        """The keep mask shaped like h, as bool."""
+        """The keep mask shaped like h, as bool; draws from the global RNG."""
         n = h.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=h.device)
         words.random_(-(1 << 63), None)  # all 64 bits uniform
@@ -180,7 +176,7 @@ class LoraDropout(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not self.active():
             return h
-        return h * self.mask(h) * self.scale
+        return h * self.keep(h).to(h.dtype) * self.scale
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
