@@ -377,3 +377,21 @@ def test_dropout_path_keeps_only_a_bool_mask_beside_the_input():
     others = [t for t in at_input_size if t.data_ptr() != x.data_ptr()]
     assert len(at_input_size) > len(others)  # the input itself is kept
     assert others and all(t.dtype == torch.bool for t in others), [t.dtype for t in others]
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+def test_top1_router_gets_exactly_no_gradient_and_adam_leaves_it(impl):
+    """Top-1 renormalised routing weighs the chosen expert by p / p = 1, whose derivative is
+    zero (by hand), so the task loss gives the router no gradient: exactly zero, not the
+    ~1e-10 rounding of autograd's 1/p - p/p^2, which Adam (dividing by the gradient's own
+    size) would turn into router steps of the whole learning rate. Top-2 gets a real one."""
+    layer = make_linear([2, 2, 2], 1, impl=impl)
+    before = layer.router.weight.detach().clone()
+    opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    _, g = run(layer, torch.randn(16, D_IN))
+    assert "router.weight" not in g or torch.count_nonzero(g["router.weight"]) == 0
+    assert torch.count_nonzero(g["lora_B"]) > 0
+    opt.step()
+    assert torch.equal(layer.router.weight, before)
+    _, g2 = run(make_linear([2, 2, 2], 2, impl=impl), torch.randn(16, D_IN))
+    assert g2["router.weight"].abs().min() > 1e-6

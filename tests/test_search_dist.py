@@ -139,7 +139,7 @@ def search_args(world, out, *extra):
         "--max-rank",
         2,
         "--top-k",
-        1,
+        2,  # top-1 would give the routers no gradient to compare
         "--batch-size",
         5,  # 48 train rows: the last batch has 3, split 2 + 1
         "--cutoff",

@@ -28,9 +28,17 @@ class Routing:
 
 
 def topk_route(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of the probabilities, renormalised over the k chosen (Mixtral convention)."""
+    """Top-k of the probabilities, renormalised over the k chosen (Mixtral convention).
+
+    With k = 1 the weight is exactly 1 and carries no gradient: p / p has derivative zero,
+    but autograd's 1/p - p/p^2 leaves rounding noise (about 1e-10) that Adam, which divides
+    by the gradient's own size, would turn into router steps of the full learning rate.
+    """
     top_p, top_i = probs.topk(k, dim=-1)  # (N, k)
-    top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+    if k == 1:
+        top_p = torch.ones_like(top_p)
+    else:
+        top_p = top_p / top_p.sum(dim=-1, keepdim=True)
     weights = torch.zeros_like(probs).scatter(1, top_i, top_p)  # (N, E)
     selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_i, True)
     return weights, selected
