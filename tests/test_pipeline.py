@@ -29,6 +29,41 @@ def compiled(tmp_path):
     return tmp_path
 
 
+def constraints():
+    """docker/constraints.txt as {normalised name: version}."""
+    pins = {}
+    for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_environment_image_and_compiled_yaml_agree_on_versions():
+    """The tests run on the versions the image installs (make venv installs under
+    docker/constraints.txt), and the committed YAML records the kfp of both."""
+    from importlib import metadata
+
+    pins = constraints()
+    assert {"kfp", "transformers", "mlflow", "datasets", "pydantic"} <= set(pins)
+    wrong = {}
+    for name, version in pins.items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue  # platform-specific, not installed here
+        if installed != version:
+            wrong[name] = f"{installed} installed, {version} pinned"
+    assert not wrong, (
+        f"{wrong}: this environment is not the image's; `make venv` installs under "
+        "docker/constraints.txt (or, to move on, `make docker-constraints` and `guilomo compile`)"
+    )
+    for d in ("components", "pipelines"):
+        for path in (ROOT / d).glob("*.yaml"):
+            recorded = re.findall(r"^sdkVersion: kfp-(\S+)$", path.read_text(), re.M)
+            assert recorded == [pins["kfp"]], f"{path}: records kfp {recorded}, image has {pins['kfp']}"
+
+
 def test_committed_yaml_is_current(tmp_path):
     out = compiled(tmp_path)
     fresh = sorted(p.relative_to(out) for p in out.rglob("*.yaml"))
@@ -38,7 +73,7 @@ def test_committed_yaml_is_current(tmp_path):
     assert fresh == committed
     for rel in fresh:
         assert (out / rel).read_text() == (ROOT / rel).read_text(), (
-            f"{rel} is stale: run guilomo compile"
+            f"{rel} is stale: run guilomo compile (after make venv, so kfp is the image's)"
         )
 
 
