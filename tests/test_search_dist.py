@@ -70,7 +70,8 @@ def test_sharded_ce_gradient_is_the_whole_batch_gradient(world_size):
     batch = padded_batch()
     wrt = list(search.w.values()) + list(search.alpha.values())
     out = model(**batch)
-    expected = torch.autograd.grad(out.loss, wrt)
+    # top-1 routers and the expert GSVs are not in the graph: their gradient is zero
+    expected = torch.autograd.grad(out.loss, wrt, allow_unused=True, materialize_grads=True)
     grads, ce = shard_sum(search, batch, wrt, world_size)
     # HF takes the loss in fp32 whatever the model's dtype: fp32 tolerances
     assert ce == pytest.approx(out.loss.item(), rel=1e-6)

@@ -129,7 +129,11 @@ class BilevelSearch:
             total = out.loss * part.ce_weight
             if aux is not None:
                 total = total + aux * part.aux_weight
-            grads = list(torch.autograd.grad(total, list(wrt)))
+            # A parameter the loss does not reach (a top-1 router without a balance loss:
+            # its weight p / p is constant) has a zero gradient, not an error.
+            grads = list(
+                torch.autograd.grad(total, list(wrt), allow_unused=True, materialize_grads=True)
+            )
             wide = torch.promote_types(out.loss.dtype, torch.float32)  # bf16 CE: fp32 metric
             ce = out.loss.detach().to(wide) * part.ce_weight
         *grads, ce = all_reduce_sum([*grads, ce])
