@@ -42,19 +42,20 @@ def llama():
     return tiny_llama()
 
 
-def tiny_tokenizer():
-    """A small BPE tokenizer trained in-process (no downloads), with <s>, </s>, <pad>."""
+def tiny_tokenizer(corpus=None, vocab_size=300):
+    """A small BPE tokenizer trained in-process (no downloads), with <s>, </s>, <pad>; on
+    `corpus` (texts) when given, else on a few prompt-like lines."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=300,
+        vocab_size=vocab_size,
         special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    corpus = [
+    corpus = corpus or [
         "Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.",
         "### Instruction:\nContext: N/A\nQuestion: Which is a mammal?\nOptions: (A) cat (B) fish",

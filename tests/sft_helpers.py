@@ -5,33 +5,41 @@ from pathlib import Path
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
+from guilomo.data.formulations import formulate, mc_parts
 from guilomo.data.prepared import write_prepared
+from guilomo.data.prompts import load_template
 from guilomo.moe import build_allocation
 
+ALPACA = load_template("alpaca")
 
-def records(n=48, seed=0):
+
+def records(n=48, seed=0, formulation="generate"):
+    """Two-option questions "Which is a mammal? (i)", the answer cat in a seeded place."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         a = int(torch.randint(0, 2, (1,), generator=g))
-        letter = "AB"[a]
-        out.append(
-            {
-                "instruction": f"Context: N/A\nQuestion: Which is a mammal? ({i})\nOptions: (A) {'cat' if a == 0 else 'fish'} (B) {'fish' if a == 0 else 'cat'}\n",
-                "input": "",
-                "output": f"Answer: The answer is {letter}.",
-                "answer": letter,
-            }
+        options = ["cat", "fish"] if a == 0 else ["fish", "cat"]
+        parts = mc_parts(
+            question=f"Which is a mammal? ({i})", context=None, options=options, gold=a
         )
+        out.append(formulate(parts, formulation, ALPACA))
     return out
 
 
-def prepared(path: Path) -> Path:
-    recs = records()
+def info(formulation="generate"):
+    if formulation == "generate":
+        return {"formulation": "generate", "template": "alpaca", "response_split": "### Response:"}
+    return {"formulation": formulation}
+
+
+def prepared(path: Path, formulation="generate") -> Path:
+    recs = records(formulation=formulation)
     return write_prepared(
         path,
         {"train": recs[:40], "validation": recs[40:44], "test": recs[44:]},
         report={"rows_read": 48},
+        info=info(formulation),
     )
 
 

@@ -97,3 +97,17 @@ def test_import_reference_json_bad_input(tmp_path):
     (tmp_path / "expert.json").write_text("{oops")
     with pytest.raises(AllocationInputError, match=r"expert.json: not valid JSON \(line 1"):
         import_reference_json(e, r, base_model="m", module_names=list(SHAPES), top_k=1)
+
+
+def test_import_reference_json_refuses_top_k_above_a_modules_experts(tmp_path):
+    experts = {"a.q_proj": 3, "b.q_proj": 2}
+    ranks = {f"{m}.expertlora_E_vector_{j}": 4 for m, n in experts.items() for j in range(n)}
+    e, r = write_reference(tmp_path, experts, ranks)
+    with pytest.raises(
+        AllocationInputError,
+        match=r"expert.json: top_k \(--top-k\) is 3, but b.q_proj has only 2 expert\(s\): lower "
+        r"--top-k to 2 or less, or give it more experts",
+    ):
+        import_reference_json(e, r, base_model="m", module_names=list(SHAPES), top_k=3)
+    alloc = import_reference_json(e, r, base_model="m", module_names=list(SHAPES), top_k=2)
+    assert [m.top_k for m in alloc.modules.values()] == [2, 2]

@@ -16,13 +16,15 @@ def guilomo(*args, cwd=None):
 def test_help_lists_commands():
     r = guilomo("--help")
     assert r.returncode == 0
-    for command in ("demo", "stage", "run", "submit", "rerun", "lineage", "compile", "image"):
+    commands = ("demo", "stage", "run", "submit", "rerun", "lineage", "compile", "image", "compare")
+    for command in commands:
         assert command in r.stdout
     for command, options in [
         ("run", ("--config", "--root", "--verbose", "KEY=VALUE")),
         ("submit", ("--host", "--image", "--gpu-pool", "--service-account", "--namespace")),
         ("rerun", ("--from", "--host", "--config")),
         ("lineage", ("--experiment",)),
+        ("compare", ("REPORT_A", "REPORT_B", "--metric", "--resamples", "--seed", "McNemar")),
     ]:
         r = guilomo(command, "--help")
         assert r.returncode == 0

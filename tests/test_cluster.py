@@ -45,7 +45,7 @@ def test_torchrun_sft_trains_with_two_gloo_processes(tmp_path):
     tok.save_pretrained(tmp_path / "base")
     guilomo(
         "stage", "preprocess", "--out", tmp_path / "data", "--datasets", "sciq",
-        "--max-train", 32, "--max-eval", 8, "--seed", 1,
+        "--train-size", 32, "--validation-size", 8, "--test-size", 8, "--seed", 1,
     )  # fmt: skip
     guilomo(
         "stage", "allocate", "--out", tmp_path / "alloc", "--base-model", tmp_path / "base",

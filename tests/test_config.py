@@ -79,3 +79,21 @@ def test_build_allocation_placements():
 
     with pytest.raises(ValueError, match="targets"):
         build_allocation(base_model="m", module_names=["transformer.h.0.attn.c_attn"])
+
+
+@pytest.mark.parametrize(
+    "kwargs,module",
+    [
+        (dict(preset="uniform", experts=2), "model.layers.0.self_attn.q_proj"),
+        (dict(preset="2468"), "model.layers.0.self_attn.q_proj"),  # layers 0-1 get 2 experts
+        (dict(preset="8642"), "model.layers.6.self_attn.q_proj"),  # layers 6-7 get 2
+        (dict(preset=[4, 4, 4, 2, 4, 4, 4, 4]), "model.layers.3.self_attn.q_proj"),
+        (dict(preset="8642", placement="mixlora"), "model.layers.6.mlp"),
+    ],
+)
+def test_top_k_above_a_modules_experts_is_refused(kwargs, module):
+    with pytest.raises(ValueError, match=rf"top_k \(--top-k\) is 3, but {module} has only 2 "):
+        build_allocation(base_model="m", module_names=names(), top_k=3, **kwargs)
+    # with top_k at most the smallest count, every module keeps exactly the top_k asked for
+    alloc = build_allocation(base_model="m", module_names=names(), top_k=2, **kwargs)
+    assert {m.top_k for n, m in alloc.modules.items() if m.experts > 1} == {2}

@@ -1,39 +1,41 @@
-"""Evaluate stage: answer extraction, option parsing, generation and log-likelihood plumbing
-checked against plain unbatched computations, the EvalReport artifact, and bad input."""
+"""Evaluate stage: answer extraction, generation and log-likelihood scoring checked against
+plain unbatched computations, the report's statistics against hand counts and scipy, the
+EvalReport artifact, and bad input."""
 
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from scipy.stats import binomtest
 
+import guilomo.scoring as scoring
 from guilomo.artifacts import ArtifactError, read_artifact
+from guilomo.data.formulations import formulate, mc_parts
 from guilomo.data.prepared import write_prepared
-from guilomo.data.prompts import load_template
-from guilomo.stages import evaluate as ev
 from guilomo.stages.evaluate import (
     EvalConfig,
     evaluate,
     extract_answer,
-    parse_options,
+    lenient_answer,
     run_evaluate,
 )
 from guilomo.stages.sft import SftConfig, run_sft
-from sft_helpers import allocation, model_and_tokenizer, prepared, records
-
-TEMPLATE = load_template("alpaca")
+from sft_helpers import ALPACA, allocation, info, model_and_tokenizer, prepared, records
 
 
-def mc_records(n=8):
-    """records() with ids, subjects and a longer context on some (prompts of unequal length)."""
+def mc_records(n=8, formulation="generate"):
+    """Questions with ids, subjects, 2-3 options and a context of unequal length on some."""
     out = []
-    for i, r in enumerate(records(n, seed=3)):
-        r = dict(r, id=f"q{i}", subject=["physics", "biology"][i % 2], source="test")
-        if i % 3 == 0:
-            r["instruction"] = r["instruction"].replace(
-                "Context: N/A", "Context: " + "Cats and fish are animals. " * (1 + i % 4)
-            )
-        out.append(r)
+    for i in range(n):
+        options = ["cat", "fish", "bird"][: 2 + (i % 4 == 1)]
+        gold = (i * 7) % len(options)
+        context = "Cats and fish are animals. " * (1 + i % 4) if i % 3 == 0 else None
+        parts = mc_parts(
+            question=f"Which is a mammal? ({i})", context=context, options=options, gold=gold
+        )
+        r = formulate(parts, formulation, ALPACA)
+        out.append(dict(r, id=f"q{i}", subject=["physics", "biology"][i % 2], source="test"))
     return out
 
 
@@ -68,73 +70,55 @@ def test_extract_answer(text, want):
     assert extract_answer(text) == want
 
 
-# ----------------------------------------------------------------------- parse_options
-
-
 @pytest.mark.parametrize(
-    ("instruction", "want"),
+    ("text", "want"),
     [
-        (
-            "Context: N/A\nQuestion: Which is a mammal?\nOptions: (A) cat (B) fish\n",
-            [("A", "cat"), ("B", "fish")],
-        ),
-        (  # parentheses inside option texts, and letters out of sequence, are kept
-            "Question: q\nOptions: (A) H (2) gas (B) water (see (D)) (C) (a) or (b)\n",
-            [("A", "H (2) gas"), ("B", "water (see (D))"), ("C", "(a) or (b)")],
-        ),
-        (  # "(C)" inside option A is not a cut: C must come after B
-            "Options: (A) like (C) here (B) two\n",
-            [("A", "like (C) here"), ("B", "two")],
-        ),
-        (  # no space before the marker: part of the text
-            "Options: (A) x(B) y (B) z\n",
-            [("A", "x(B) y"), ("B", "z")],
-        ),
-        (  # an empty option and a trailing line
-            "Options: (A)  (B) y (C) z\nAnswer with the letter.",
-            [("A", ""), ("B", "y"), ("C", "z")],
-        ),
-        (  # the options line at the very start, no trailing newline, many options
-            "Options: (A) a (B) b (C) c (D) d (E) e",
-            [(c, c.lower()) for c in "ABCDE"],
-        ),
-        (  # an "Options:" mention in the question is not the options line
-            "Question: Options: are there any?\nOptions: (A) yes (B) no\n",
-            [("A", "yes"), ("B", "no")],
-        ),
-        (  # an empty last option
-            "Options: (A) x (B) \n",
-            [("A", "x"), ("B", "")],
-        ),
+        ("The answer is (B)", "B"),  # rejected by the strict rule
+        ("the answer is: C.", "C"),
+        ("Answer: A", "A"),
+        ("Answer: The answer is B.", "B"),
+        ("(B) heat transfer", "B"),  # the untuned model's style
+        ("B) heat", "B"),
+        ("D", "D"),
+        ("The answer is a mammal", None),  # "a" is a word, not a letter
+        ("A man walks in", None),
+        ("The answer is (B). The answer is C", None),  # two different letters
+        ("", None),
     ],
 )
-def test_parse_options(instruction, want):
-    assert parse_options(instruction) == want
-
-
-@pytest.mark.parametrize(
-    "instruction",
-    [
-        "Question: q\n",
-        "Question: q\nOptions: A) x B) y\n",
-        "Question: q\nOptions: (B) x (C) y\n",
-        "Question: q\n Options: (A) x (B) y\n",  # not at the start of a line
-        "Question: q\nOptions: (A) only one\n",
-    ],
-)
-def test_parse_options_refuses(instruction):
-    with pytest.raises(ValueError, match="no 'Options|at least 2"):
-        parse_options(instruction)
+def test_lenient_answer(text, want):
+    assert lenient_answer(text) == want
 
 
 def test_config():
     for name, field in EvalConfig.model_fields.items():
         assert field.description, name
     with pytest.raises(ValueError, match="Extra inputs"):
-        EvalConfig(modus="generate")
-    with pytest.raises(ValueError):
-        EvalConfig(mode="beam")
-    assert EvalConfig().mode == "generate" and EvalConfig().split == "test"
+        EvalConfig(mode="generate")  # the formulation is the dataset's, not an option
+    assert EvalConfig().split == "test"
+
+
+def test_report_statistics_are_the_hand_counts():
+    """Accuracy, its Wilson interval (scipy), the answer distribution and the majority
+    baseline, counted by hand from the scripted predictions."""
+    model, tok = model_and_tokenizer()
+    recs = mc_records(8)
+    gold = [r["answer"] for r in recs]
+    said = ["A"] * 8  # always A
+    scripts = {f"({i})": f"Answer: The answer is {said[i]}." for i in range(8)}
+    model.generate = ScriptedGenerate(model, tok, scripts)
+    rep = evaluate(model, tok, recs, EvalConfig(batch_size=3), formulation="generate")
+    k = sum(g == "A" for g in gold)
+    ci = binomtest(k, 8).proportion_ci(confidence_level=0.95, method="wilson")
+    assert (rep["correct"], rep["total"]) == (k, 8)
+    assert rep["ci95"] == pytest.approx([ci.low, ci.high])
+    assert rep["predicted"] == {"A": 8, **{g: 0 for g in set(gold) - {"A"}}}
+    assert rep["gold"] == {g: gold.count(g) for g in sorted(set(gold))}
+    top = max(sorted(set(gold)), key=gold.count)
+    assert rep["majority_baseline"]["answer"] == top
+    assert rep["majority_baseline"]["accuracy"] == gold.count(top) / 8
+    assert rep["formulation"] == "generate" and rep["split"] == "test"
+    assert rep["per_subject"]["physics"]["total"] == 4
 
 
 # ------------------------------------------------------------------------------ generate
@@ -142,8 +126,7 @@ def test_config():
 
 def unbatched_response(model, tok, record, max_new_tokens):
     """model.generate on one prompt, no padding: the reference for the batched run."""
-    prompt = TEMPLATE.prompt(record["instruction"], record.get("input", ""))
-    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    ids = tok(record["prompt"], return_tensors="pt")["input_ids"]
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -159,8 +142,10 @@ def unbatched_response(model, tok, record, max_new_tokens):
 def test_generate_batched_equals_unbatched():
     model, tok = model_and_tokenizer()
     recs = mc_records(7)
-    cfg = EvalConfig(mode="generate", batch_size=3, max_new_tokens=6)
-    rep = evaluate(model, tok, recs, cfg)
+    assert recs[0]["prompt"] == ALPACA.prompt(recs[0]["instruction"])
+    cfg = EvalConfig(batch_size=3, max_new_tokens=6)
+    kw = dict(formulation="generate", response_split="### Response:")
+    rep = evaluate(model, tok, recs, cfg, **kw)
     assert tok.padding_side == "right"  # the tokenizer was not changed
     assert [p["id"] for p in rep["predictions"]] == [r["id"] for r in recs]
     responses = [p["response"] for p in rep["predictions"]]
@@ -174,7 +159,7 @@ def test_generate_batched_equals_unbatched():
     assert rep["accuracy"] == pytest.approx(sum(correct) / 7)
     assert rep["failures"] == sum(p["prediction"] is None for p in rep["predictions"])
     with torch.no_grad():
-        one = evaluate(model, tok, recs, cfg.model_copy(update={"batch_size": 1}))
+        one = evaluate(model, tok, recs, cfg.model_copy(update={"batch_size": 1}), **kw)
     assert [p["response"] for p in one["predictions"]] == responses
 
 
@@ -200,29 +185,34 @@ class ScriptedGenerate:
 
 def test_generate_scoring_with_scripted_outputs(monkeypatch):
     model, tok = model_and_tokenizer()
-    recs = mc_records(4)
+    recs = mc_records(5)
     answers = [r["answer"] for r in recs]
-    other = {"A": "B", "B": "A"}
+    other = {"A": "B", "B": "A", "C": "A"}
     scripts = {
         "(0)": f"Answer: The answer is {answers[0]}.",  # right
         "(1)": f"Answer: The answer is {other[answers[1]]}.",  # wrong
-        "(2)": "Answer: The answer is A. The answer is B.",  # failure
+        "(2)": "Answer: The answer is A. The answer is B.",  # failure, not readable either
         "(3)": f"Answer: The answer is {answers[3]}.\n### Response: The answer is C.",  # right
+        "(4)": f"The answer is ({answers[4]})",  # failure, but a lenient reader says right
     }
     monkeypatch.setattr(model, "generate", ScriptedGenerate(model, tok, scripts))
-    rep = evaluate(model, tok, recs, EvalConfig(batch_size=3))
+    kw = dict(formulation="generate", response_split="### Response:")
+    rep = evaluate(model, tok, recs, EvalConfig(batch_size=3), **kw)
     preds = rep["predictions"]
-    assert [p["correct"] for p in preds] == [True, False, False, True]
-    assert preds[2]["prediction"] is None and rep["failures"] == 1
+    assert [p["correct"] for p in preds] == [True, False, False, True, False]
+    assert preds[2]["prediction"] is None and rep["failures"] == 2
     assert preds[3]["response"] == f"Answer: The answer is {answers[3]}."
-    assert rep["correct"] == 2 and rep["accuracy"] == 0.5
-    assert rep["per_subject"] == {
-        "biology": {"accuracy": 0.5, "correct": 1, "total": 2},  # q1 wrong, q3 right
-        "physics": {"accuracy": 0.5, "correct": 1, "total": 2},  # q0 right, q2 failed
+    assert rep["correct"] == 2 and rep["accuracy"] == 0.4  # the strict rule decides
+    assert rep["lenient"]["rejected_but_readable"] == 1
+    assert rep["lenient"]["of_which_correct"] == 1
+    assert rep["predicted"]["none"] == 2
+    assert {k: (v["correct"], v["total"]) for k, v in rep["per_subject"].items()} == {
+        "biology": (1, 2),  # q1 wrong, q3 right
+        "physics": (1, 3),  # q0 right, q2 failed, q4 rejected
     }
     # limit takes the first records; no subjects -> no per_subject
     bare = [{k: v for k, v in r.items() if k != "subject"} for r in recs]
-    rep = evaluate(model, tok, bare, EvalConfig(limit=2))
+    rep = evaluate(model, tok, bare, EvalConfig(limit=2), **kw)
     assert rep["total"] == 2 and "per_subject" not in rep
 
 
@@ -230,84 +220,100 @@ def test_generate_scoring_with_scripted_outputs(monkeypatch):
 
 
 def plain_scores(model, tok, record):
-    """Per option: sum of log p(continuation token) from one full-sequence forward each."""
-    prompt = TEMPLATE.prompt(record["instruction"], record.get("input", ""))
-    n_prompt = len(tok(prompt)["input_ids"])
-    out = {}
-    for letter, text in parse_options(record["instruction"]):
-        ids = tok(prompt + "Answer: " + text)["input_ids"]
-        assert ids[:n_prompt] == tok(prompt)["input_ids"]
+    """Per option: the continuation's summed log-prob from one forward over that pair alone,
+    split as the harness splits it (whole text tokenised, the context's token count off)."""
+    contexts = record.get("contexts") or [record["prompt"]] * len(record["choices"])
+    out = []
+    for context, choice in zip(contexts, record["choices"], strict=True):
+        ctx = tok(context)["input_ids"]
+        cont = tok(context + " " + choice)["input_ids"][len(ctx) :]
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0]
+            logits = model(torch.tensor([ctx + cont])).logits[0]
         logp = torch.log_softmax(logits.double(), dim=-1)
-        total = sum(float(logp[t - 1, ids[t]]) for t in range(n_prompt, len(ids)))
-        out[letter] = (total, len(ids) - n_prompt)
+        out.append(sum(float(logp[len(ctx) + j - 1, t]) for j, t in enumerate(cont)))
     return out
 
 
-def test_loglik_matches_plain_loop_and_batching():
+@pytest.mark.parametrize("formulation", ["rc", "mc"])
+def test_loglik_matches_plain_loop_and_batching(formulation):
     model, tok = model_and_tokenizer()
-    recs = mc_records(6)
-    recs[1]["instruction"] = recs[1]["instruction"].rstrip("\n") + " (C) bird\n"
-    assert len(parse_options(recs[1]["instruction"])) == 3  # unequal option counts in a batch
-    cfg = EvalConfig(mode="loglik", batch_size=5)
-    rep = evaluate(model, tok, recs, cfg)
-    one = evaluate(model, tok, recs, cfg.model_copy(update={"batch_size": 1}))
+    recs = mc_records(7, formulation)
+    assert len({len(r["choices"]) for r in recs}) == 2  # unequal option counts in a batch
+    cfg = EvalConfig(batch_size=3)
+    rep = evaluate(model, tok, recs, cfg, formulation=formulation)
+    one = evaluate(model, tok, recs, cfg.model_copy(update={"batch_size": 1}), formulation=formulation)
     norm_ok = []
     for r, p, q in zip(recs, rep["predictions"], one["predictions"], strict=True):
         want = plain_scores(model, tok, r)
-        assert set(p["scores"]) == set(want)
-        for letter, (total, _) in want.items():
-            assert p["scores"][letter] == pytest.approx(total, abs=1e-4), (r["id"], letter)
-            assert q["scores"][letter] == pytest.approx(total, abs=1e-4), (r["id"], letter)
-        best = max(want, key=lambda k: want[k][0])
-        best_norm = max(want, key=lambda k: want[k][0] / want[k][1])
-        assert p["prediction"] == best and p["correct"] == (best == r["answer"])
-        assert p["prediction_norm"] == best_norm
-        norm_ok.append(best_norm == r["answer"])
+        assert p["scores"] == pytest.approx(want, abs=1e-4), r["id"]
+        assert q["scores"] == pytest.approx(want, abs=1e-4), r["id"]
+        best = max(range(len(want)), key=lambda j: want[j])
+        per_char = [w / len(c) for w, c in zip(want, r["choices"], strict=True)]
+        best_norm = max(range(len(want)), key=lambda j: per_char[j])
+        assert p["prediction"] == "ABC"[best] and p["correct"] == ("ABC"[best] == r["answer"])
+        assert p["prediction_norm"] == "ABC"[best_norm]
+        assert p["scores_norm"] == pytest.approx(per_char, abs=1e-4)
+        norm_ok.append("ABC"[best_norm] == r["answer"])
         assert "response" not in p
     assert rep["accuracy"] == pytest.approx(
         sum(p["correct"] for p in rep["predictions"]) / len(recs)
     )
     assert rep["acc_norm"] == pytest.approx(sum(norm_ok) / len(recs))
-    assert rep["failures"] == 0
+    assert rep["formulation"] == formulation and "failures" not in rep
+
+
+def test_loglik_per_option_contexts():
+    """WinoGrande-style records: one context per option, one continuation."""
+    model, tok = model_and_tokenizer()
+    parts = mc_parts(
+        question="The cat ate the fish because _ was hungry.",
+        context=None,
+        options=["the cat", "the fish"],
+        gold=0,
+        cloze={"prompt": ["The cat ate the fish because the cat", "The cat ate the fish "
+                          "because the fish"], "choices": ["was hungry.", "was hungry."]},
+    )  # fmt: skip
+    rec = dict(formulate(parts, "rc", ALPACA), id="w0")
+    assert rec["prompt"] == rec["contexts"][0] and rec["output"] == " was hungry."
+    rep = evaluate(model, tok, [rec], EvalConfig(), formulation="rc")
+    assert rep["predictions"][0]["scores"] == pytest.approx(plain_scores(model, tok, rec), abs=1e-4)
 
 
 def test_loglik_without_logits_to_keep(monkeypatch):
     """Models whose forward lacks logits_to_keep get full logits: the same scores."""
     model, tok = model_and_tokenizer()
-    recs = mc_records(4)
-    cfg = EvalConfig(mode="loglik", batch_size=4)
-    fast = evaluate(model, tok, recs, cfg)
-    monkeypatch.setattr(ev, "_accepts_logits_to_keep", lambda m: False)
-    full = evaluate(model, tok, recs, cfg)
+    recs = mc_records(4, "rc")
+    cfg = EvalConfig(batch_size=4)
+    fast = evaluate(model, tok, recs, cfg, formulation="rc")
+    names = scoring._forward_names(model)
+    monkeypatch.setattr(scoring, "_forward_names", lambda m: (None, names[1]))
+    full = evaluate(model, tok, recs, cfg, formulation="rc")
     for a, b in zip(fast["predictions"], full["predictions"], strict=True):
-        for k in a["scores"]:
-            assert a["scores"][k] == pytest.approx(b["scores"][k], abs=1e-4)
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
 
 
 def test_loglik_bad_records():
     model, tok = model_and_tokenizer()
-    recs = mc_records(3)
-    recs[2]["instruction"] = "Question: What is 2 + 2?\n"
-    with pytest.raises(ValueError, match="record q2: no 'Options"):
-        evaluate(model, tok, recs, EvalConfig(mode="loglik"))
-    recs = mc_records(3)
+    recs = mc_records(3, "rc")
+    del recs[2]["choices"]
+    with pytest.raises(ValueError, match="record q2: no 'choices'"):
+        evaluate(model, tok, recs, EvalConfig(), formulation="rc")
+    recs = mc_records(3, "rc")
     recs[1]["answer"] = "D"
     with pytest.raises(ValueError, match=r"record q1: answer 'D' is not one of its options"):
-        evaluate(model, tok, recs, EvalConfig(mode="loglik"))
+        evaluate(model, tok, recs, EvalConfig(), formulation="rc")
     recs[1]["answer"] = ""
     with pytest.raises(ValueError, match="record q1: no 'answer'"):
-        evaluate(model, tok, recs, EvalConfig())
+        evaluate(model, tok, recs, EvalConfig(), formulation="rc")
     with pytest.raises(ValueError, match="no records"):
-        evaluate(model, tok, [], EvalConfig())
+        evaluate(model, tok, [], EvalConfig(), formulation="rc")
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
 def test_run_evaluate_base_and_adapter(tmp_path):
-    data = prepared(tmp_path / "data")
+    data = prepared(tmp_path / "data", formulation="rc")
     model, tok = model_and_tokenizer()
     sft_cfg = SftConfig(
         base_model="tiny", max_steps=2, batch_size=4, micro_batch_size=4, lr=1e-2, cutoff=64
@@ -325,7 +331,7 @@ def test_run_evaluate_base_and_adapter(tmp_path):
     b = [v for k, v in weights.items() if "lora_B" in k]
     assert b and any(v.abs().sum() > 0 for v in b)  # trained: B is no longer zero
 
-    cfg = EvalConfig(mode="loglik", base_model="tiny", batch_size=8)
+    cfg = EvalConfig(base_model="tiny", batch_size=8)
     reports = {}
     for name, adapter in (("base", None), ("tuned", tmp_path / "adapter")):
         model, tok = model_and_tokenizer()  # the same base weights each time
@@ -343,9 +349,11 @@ def test_run_evaluate_base_and_adapter(tmp_path):
         assert set(m.files) == {"report.json"} and m.stage == "evaluate"
         assert m.parents == [str(data)]
         assert m.metadata == {
+            "formulation": "rc",
             "accuracy": rep["accuracy"],
+            "ci95": rep["ci95"],
             "total": 4,
-            "failures": 0,
+            "majority_baseline": rep["majority_baseline"]["accuracy"],
             "adapter": adapter is not None,
             "acc_norm": rep["acc_norm"],
         }
@@ -354,23 +362,24 @@ def test_run_evaluate_base_and_adapter(tmp_path):
     base, tuned = (reports[k]["predictions"] for k in ("base", "tuned"))
     assert [p["id"] for p in base] == [p["id"] for p in tuned]
     assert any(
-        abs(p["scores"][k] - q["scores"][k]) > 1e-3
-        for p, q in zip(base, tuned, strict=True)
-        for k in p["scores"]
-    )
+        abs(x - y) > 1e-3 for p, q in zip(base, tuned, strict=True)
+        for x, y in zip(p["scores"], q["scores"], strict=True)
+    )  # fmt: skip
+    assert "expert_load" in reports["tuned"] and "expert_load" not in reports["base"]
 
-    # generate mode on the base model writes a report too (the baseline row)
+    # a generate dataset is evaluated by generation: the baseline row of the ScienceQA runs
+    gen = prepared(tmp_path / "gen-data", formulation="generate")
     model, tok = model_and_tokenizer()
     rep = run_evaluate(
         EvalConfig(max_new_tokens=4, limit=2),
-        dataset=data,
+        dataset=gen,
         out=tmp_path / "gen",
         model=model,
         tokenizer=tok,
         progress=False,
     )
-    assert rep["total"] == 2 and len(rep["predictions"]) == 2
-    assert read_artifact(tmp_path / "gen", kind="EvalReport").metadata["adapter"] is False
+    assert rep["total"] == 2 and len(rep["predictions"]) == 2 and "response" in rep["predictions"][0]
+    assert read_artifact(tmp_path / "gen", kind="EvalReport").metadata["formulation"] == "generate"
 
 
 def test_run_evaluate_bad_inputs(tmp_path):
@@ -387,8 +396,11 @@ def test_run_evaluate_bad_inputs(tmp_path):
     assert not (tmp_path / "x").exists()
 
     empty = write_prepared(
-        tmp_path / "empty", {"train": records(4), "test": []}, report={"rows_read": 4}
+        tmp_path / "empty", {"train": records(4), "test": []}, report={}, info=info()
     )
     with pytest.raises(ArtifactError, match="the test split is empty"):
         run_evaluate(EvalConfig(), out=tmp_path / "x", **{**kw, "dataset": empty})
+    old = write_prepared(tmp_path / "old", {"test": records(4)}, report={}, info={})
+    with pytest.raises(ArtifactError, match="before formulations.*rerun preprocess"):
+        run_evaluate(EvalConfig(), out=tmp_path / "x", **{**kw, "dataset": old})
     assert not (tmp_path / "x").exists()

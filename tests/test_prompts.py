@@ -54,15 +54,16 @@ def test_template_from_file_and_errors(tmp_path):
 def test_tokenize_masks_prompt_and_appends_eos():
     tok = tiny_tokenizer()
     t = load_template("alpaca")
-    full = tokenize_example(RECORD, tok, t, cutoff=512, train_on_inputs=True)
-    masked = tokenize_example(RECORD, tok, t, cutoff=512, train_on_inputs=False)
+    record = {**RECORD, "prompt": t.prompt(RECORD["instruction"])}  # as preprocess writes it
+    full = tokenize_example(record, tok, cutoff=512, train_on_inputs=True)
+    masked = tokenize_example(record, tok, cutoff=512, train_on_inputs=False)
     prompt_ids = tok(t.prompt(RECORD["instruction"]))["input_ids"]
     whole = tok(t.prompt(RECORD["instruction"]) + RECORD["output"])["input_ids"]
     assert full["input_ids"] == whole + [tok.eos_token_id]
     assert full["labels"] == full["input_ids"]
     n = len(prompt_ids)
     assert masked["labels"][:n] == [IGNORE] * n and masked["labels"][n:] == full["input_ids"][n:]
-    short = tokenize_example(RECORD, tok, t, cutoff=10)
+    short = tokenize_example(record, tok, cutoff=10)
     assert len(short["input_ids"]) == 10 and short["input_ids"] == whole[:10]  # no EOS when cut
 
 

@@ -3,7 +3,10 @@ and the seeded split."""
 
 from __future__ import annotations
 
+import codecs
 import json
+import logging
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -29,6 +32,7 @@ from guilomo.data.readers import (
 
 FIXTURE = Path(__file__).parent / "fixtures" / "scienceqa"
 RECORD_KEYS = {"instruction", "input", "output", "answer", "subject", "source", "id"}
+PARTS = {"question", "context", "options", "gold"}  # a multiple-choice record's parts
 HF_COLUMNS = (
     "question", "hint", "task", "grade", "subject", "topic", "category", "skill", "lecture",
     "solution",
@@ -96,6 +100,15 @@ def _copy_fixture(tmp_path: Path) -> Path:
     return dest
 
 
+def _without_ids(records: list[dict]) -> list[dict]:
+    """The records less their ids (the original layout's are ScienceQA's, the others' hashes)."""
+    return [{k: v for k, v in r.items() if k != "id"} for r in records]
+
+
+def _hashed_ids(records: list[dict]) -> bool:
+    return all(re.fullmatch(r"scienceqa-[0-9a-f]{16}", r["id"]) for r in records)
+
+
 # ------------------------------------------------------------------------------ ScienceQA
 
 
@@ -110,10 +123,19 @@ def test_scienceqa_original_layout_keeps_text_only_questions_and_splits():
         "language science",
     }
     for r in report.records:
-        assert set(r) == RECORD_KEYS | {"split"}
+        assert set(r) == RECORD_KEYS | PARTS | {"split"}
         assert r["source"] == "scienceqa" and r["input"] == ""
         assert r["output"] == f"Answer: The answer is {r['answer']}."
-    assert len({r["id"] for r in report.records}) == 8
+    problems = _problems()
+    assert {r["id"]: r["split"] for r in report.records} == {
+        f"scienceqa-{pid}": ours
+        for ours, key in HF_SPLITS.items()
+        for pid in _pid_splits()[key]
+        if not problems[pid]["image"]
+    }
+    for r in report.records:  # each id is the problem the record was made from
+        question = problems[r["id"].removeprefix("scienceqa-")]["question"]
+        assert f"\nQuestion: {question}\n" in r["instruction"]
     # problems.json itself is accepted as the path too
     assert read_scienceqa(FIXTURE / "problems.json").records == report.records
 
@@ -150,7 +172,8 @@ def test_scienceqa_text_is_exactly_the_specified_format():
 def test_scienceqa_hf_parquet_layout_gives_identical_records(tmp_path, nested):
     root = _write_hf_parquet(tmp_path / "hf", nested=nested)
     report = read_scienceqa(root)
-    assert report.records == read_scienceqa(FIXTURE).records
+    assert _without_ids(report.records) == _without_ids(read_scienceqa(FIXTURE).records)
+    assert _hashed_ids(report.records) and len({r["id"] for r in report.records}) == 8
     assert (report.rows_read, report.dropped) == (12, {"has image": 4})
 
 
@@ -158,7 +181,7 @@ def test_scienceqa_single_parquet_file_takes_its_split_from_the_name(tmp_path):
     root = _write_hf_parquet(tmp_path / "hf", nested=False)
     report = read_scienceqa(root / "validation.parquet")
     expected = [r for r in read_scienceqa(FIXTURE).records if r["split"] == "validation"]
-    assert report.records == expected
+    assert _without_ids(report.records) == _without_ids(expected)
 
 
 def test_scienceqa_save_to_disk_layouts(tmp_path):
@@ -170,14 +193,18 @@ def test_scienceqa_save_to_disk_layouts(tmp_path):
         }
     )
     dd.save_to_disk(tmp_path / "dd")
-    assert read_scienceqa(tmp_path / "dd").records == read_scienceqa(FIXTURE).records
+    records = read_scienceqa(tmp_path / "dd").records
+    assert _without_ids(records) == _without_ids(read_scienceqa(FIXTURE).records)
+    assert _hashed_ids(records)
 
     # one Dataset without a recorded split: records carry no "split"
     single = datasets.Dataset.from_list(_hf_rows("test"), features=features)
     single.save_to_disk(tmp_path / "one")
     report = read_scienceqa(tmp_path / "one")
     expected = [r for r in read_scienceqa(FIXTURE).records if r["split"] == "test"]
-    assert [{k: v for k, v in r.items() if k != "split"} for r in expected] == report.records
+    assert [{k: v for k, v in r.items() if k != "split"} for r in _without_ids(expected)] == (
+        _without_ids(report.records)
+    )
     assert report.dropped == {"has image": 1}
 
 
@@ -191,6 +218,34 @@ def test_scienceqa_mini_splits_fold_and_conflicts_drop(tmp_path):
     assert report.dropped == {"has image": 4, "in several splits": 1}
     irony = next(r for r in report.records if "verbal irony" in r["instruction"])
     assert irony["split"] == "validation"
+
+
+def test_scienceqa_question_in_two_splits_is_kept_only_in_the_later_one(tmp_path, caplog):
+    root = _copy_fixture(tmp_path)
+    problems, splits = _problems(), _pid_splits()
+    problems["13"] = dict(problems["10"])  # a test question, again in train
+    problems["14"] = dict(problems["8"])  # a validation question, again in train
+    problems["15"] = dict(problems["12"])  # a test question, again in validation
+    splits["train"] += ["13", "14"]
+    splits["val"].append("15")
+    (root / "problems.json").write_text(json.dumps(problems))
+    (root / "pid_splits.json").write_text(json.dumps(splits))
+    with caplog.at_level(logging.WARNING, logger="guilomo.data.readers"):
+        report = read_scienceqa(root)
+    assert report.dropped == {
+        "has image": 4,
+        "duplicate of a test question": 2,
+        "duplicate of a validation question": 1,
+    }
+    assert report.notes == {"questions in several splits": 3}
+    assert report.rows_read == 15 == report.kept + sum(report.dropped.values())
+    by_split = {s: {r["id"] for r in report.records if r["split"] == s} for s in HF_SPLITS}
+    assert by_split == {
+        "train": {"scienceqa-2", "scienceqa-3", "scienceqa-4", "scienceqa-6"},
+        "validation": {"scienceqa-8", "scienceqa-9"},
+        "test": {"scienceqa-10", "scienceqa-12"},
+    }
+    assert "3 questions are in more than one split" in caplog.text
 
 
 def test_scienceqa_without_pid_splits_uses_the_split_field(tmp_path):
@@ -218,7 +273,9 @@ def test_scienceqa_with_no_text_only_questions_is_an_error(tmp_path):
     root = _copy_fixture(tmp_path)
     problems = {pid: {**p, "image": "image.png"} for pid, p in _problems().items()}
     (root / "problems.json").write_text(json.dumps(problems))
-    with pytest.raises(DataError, match="no text-only questions in .*problems.json"):
+    with pytest.raises(
+        DataError, match="problems.json: no text-only question left: all 12 questions have an image"
+    ):
         read_scienceqa(root)
 
 
@@ -295,9 +352,14 @@ def test_multiple_choice_counts_and_record_shape(mc_data, name):
     assert report.kept == len(rows) - sum(report.dropped.values()) == len(report.records)
     assert report.licence == LICENCES[name]
     for r in report.records:
-        assert set(r) == RECORD_KEYS and r["source"] == name and r["input"] == ""
+        assert set(r) == RECORD_KEYS | PARTS | {"cloze"}
+        assert r["source"] == name and r["input"] == ""
         assert r["instruction"].startswith("Context: ") and "\nQuestion: " in r["instruction"]
         assert r["output"] == f"Answer: The answer is {r['answer']}."
+        assert LETTERS[r["gold"]] == r["answer"]
+        for letter, text in zip(LETTERS, r["options"], strict=False):
+            assert _option(r["instruction"], letter, text)
+        assert len(r["cloze"]["choices"]) == len(r["options"])
     assert len({r["id"] for r in report.records}) == len(report.records)
 
 
@@ -341,8 +403,8 @@ def test_sciq_answers_are_shuffled_and_point_at_the_correct_answer(mc_data):
 def test_boolq_and_piqa_answers(mc_data):
     rows, report = mc_data["boolq"]
     for row, rec in zip(rows, report.records, strict=True):
-        assert rec["answer"] == ("A" if row["answer"] else "B")
-        assert rec["instruction"].endswith("\nOptions: (A) yes (B) no\n")
+        assert rec["answer"] == ("B" if row["answer"] else "A")  # the harness's order: no, yes
+        assert rec["instruction"].endswith(f"\nQuestion: {row['question']}?\nOptions: (A) no (B) yes\n")
         assert rec["instruction"].startswith(f"Context: {row['passage'].strip()}\n")
     rows, report = mc_data["piqa"]
     for row, rec in zip(rows, report.records, strict=True):
@@ -378,7 +440,7 @@ def test_unknown_answers_are_dropped_with_a_reason(tmp_path):
     boolq.write_text(json.dumps(rows))
     report = read_multiple_choice("boolq", boolq)
     assert report.dropped == {"unknown answer": 1}
-    assert [r["answer"] for r in report.records] == ["A", "B"]
+    assert [r["answer"] for r in report.records] == ["B", "A"]  # options no, yes
 
     with pytest.raises(DataError, match="unknown multiple-choice set 'mmlu'"):
         read_multiple_choice("mmlu")
@@ -478,6 +540,72 @@ def test_malformed_jsonl_line_is_named(tmp_path):
         read_instructions(bad_json)
 
 
+def _mc_row(answer: str, options: str = "(A) one (B) two (C) three") -> dict:
+    return {"q": f"Context: N/A\nQuestion: Which?\nOptions: {options}\n", "a": answer, "o": "x"}
+
+
+MC_FIELDS = {"instruction": "q", "answer": "a", "output": "o"}
+
+
+def test_answers_must_name_a_listed_option(tmp_path):
+    rows = [
+        _mc_row("C"),
+        _mc_row(""),  # no answer: not checked
+        {"q": "Add 2 and 3.", "a": "Q", "o": "5"},  # no options line: any answer
+        _mc_row("B", "(A) x (B) see (D) here"),  # "(D)" is option B's text, not an option
+    ]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["answer"] for r in read_instructions(path, fields=MC_FIELDS).records] == [
+        "C", "", "Q", "B",
+    ]  # fmt: skip
+
+    bad = [_mc_row("A"), _mc_row("D"), _mc_row("b"), _mc_row("A", "(A) only")]
+    path.write_text(json.dumps(bad[0]) + "\n\n" + json.dumps(bad[1]) + "\n")
+    with pytest.raises(
+        DataError, match=r"mc.jsonl: line 3: field 'a' is 'D', not one of the options; .*A, B, C"
+    ):
+        read_instructions(path, fields=MC_FIELDS)
+    (tmp_path / "mc.json").write_text(json.dumps([bad[0], bad[2]]))
+    with pytest.raises(DataError, match=r"mc.json: item 1: field 'a' is 'b', not a single capital"):
+        read_instructions(tmp_path / "mc.json", fields=MC_FIELDS)
+    (tmp_path / "one.json").write_text(json.dumps([bad[3]]))
+    with pytest.raises(DataError, match=r"one.json: item 0: field 'q': .*only option A"):
+        read_instructions(tmp_path / "one.json", fields=MC_FIELDS)
+
+
+def test_a_bad_answer_names_its_file_and_row_in_every_layout(tmp_path):
+    rows = [_mc_row("A"), _mc_row("B"), _mc_row("E")]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    with pytest.raises(DataError, match=r"rows.parquet: row 2: field 'a' is 'E'"):
+        read_instructions(tmp_path / "rows.parquet", fields=MC_FIELDS)
+
+    # a split of several files: the row is placed in its own file
+    folder = tmp_path / "split"
+    folder.mkdir()
+    (folder / "train-0.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (folder / "train-1.jsonl").write_text(json.dumps(rows[1]) + "\n" + json.dumps(rows[2]) + "\n")
+    with pytest.raises(DataError, match=r"train-1.jsonl: line 2: field 'a' is 'E'"):
+        read_instructions(folder, fields=MC_FIELDS)
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "dd")
+    with pytest.raises(DataError, match=r"dd \[test\]: row 2: field 'a' is 'E'"):
+        read_instructions(tmp_path / "dd", fields=MC_FIELDS)
+
+
+def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    line = json.dumps({"instruction": "café", "output": "x"}, ensure_ascii=False) + "\n"
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(line.encode() + line.encode("latin-1"))
+    with pytest.raises(DataError, match=r"d.jsonl: line 2: not UTF-8 text \(byte 0xe9 at position"):
+        read_instructions(path)
+    path.write_bytes((line * 2).encode("utf-16"))
+    with pytest.raises(DataError, match=r"d.jsonl: line 1: .*0xff at position 0: .*UTF-16"):
+        read_instructions(path)
+    path.write_bytes(codecs.BOM_UTF8 + (line * 2).encode())  # UTF-8 with a mark is UTF-8
+    assert [r["instruction"] for r in read_instructions(path).records] == ["café", "café"]
+
+
 def test_mapping_to_a_missing_column_names_the_columns(tmp_path):
     path = _write_generic(tmp_path, "jsonl")
     with pytest.raises(DataError, match=r"'output' -> 'answer_text'.*\['prompt', 'response'"):
@@ -515,46 +643,60 @@ def _records(n: int) -> list[dict]:
     return [{"id": f"r{i}", "instruction": str(i)} for i in range(n)]
 
 
-def test_split_records_is_seeded_disjoint_and_complete():
+def test_split_records_is_seeded_disjoint_and_test_takes_the_rest():
     records = _records(100)
-    a = split_records(records, val_fraction=0.1, test_fraction=0.2, seed=1)
-    b = split_records(records, val_fraction=0.1, test_fraction=0.2, seed=1)
-    c = split_records(records, val_fraction=0.1, test_fraction=0.2, seed=2)
+    a = split_records(records, train_size=60, validation_size=15, seed=1)
+    b = split_records(records, train_size=60, validation_size=15, seed=1)
+    c = split_records(records, train_size=60, validation_size=15, seed=2)
     assert a == b and a != c
-    assert split_counts(a) == {"train": 70, "validation": 10, "test": 20, "total": 100}
+    assert split_counts(a) == {"train": 60, "validation": 15, "test": 25, "total": 100}
     ids = [r["id"] for s in a.values() for r in s]
     assert sorted(ids) == sorted(r["id"] for r in records) and len(set(ids)) == 100
     assert all(r["split"] == name for name, rs in a.items() for r in rs)
     assert "split" not in records[0]  # inputs are not modified
-    assert split_records(_records(5), val_fraction=0.01, test_fraction=0.01, seed=0)["test"]
+    order = [r["id"] for r in records]
+    for rows in a.values():  # input order within a split
+        assert [r["id"] for r in rows] == sorted((r["id"] for r in rows), key=order.index)
+    # defaults: 70% train, 10% validation, the other 20% test
+    assert split_counts(split_records(records))["test"] == 20
+    # a cap on test leaves the other questions out; train and validation are as asked
+    capped = split_records(records, train_size=60, validation_size=15, test_size=10, seed=1)
+    assert split_counts(capped) == {"train": 60, "validation": 15, "test": 10, "total": 85}
+    assert {r["id"] for r in capped["test"]} < {r["id"] for r in a["test"]}
+    assert capped["train"] == a["train"] and capped["validation"] == a["validation"]
 
 
 def test_split_records_honours_source_splits_and_carves_validation():
     report = read_scienceqa(FIXTURE)
-    kept = split_records(report.records, val_fraction=0.5, test_fraction=0.3, seed=0)
+    kept = split_records(report.records, seed=0)
     assert split_counts(kept) == {"train": 4, "validation": 2, "test": 2, "total": 8}
     assert [r["id"] for r in kept["test"]] == [
         r["id"] for r in report.records if r["split"] == "test"
     ]
     no_val = [r for r in report.records if r["split"] != "validation"]
-    carved = split_records(no_val, val_fraction=0.2, test_fraction=0.3, seed=0)
+    carved = split_records(no_val, validation_size=1, seed=0)
     assert split_counts(carved) == {"train": 3, "validation": 1, "test": 2, "total": 6}
     assert {r["id"] for r in carved["train"] + carved["validation"]} == {
         r["id"] for r in no_val if r["split"] == "train"
     }
     assert field_counts(kept)["test"] == {"language science": 1, "natural science": 1}
+    capped = split_records(report.records, train_size=3, test_size=1, seed=0)
+    assert split_counts(capped) == {"train": 3, "validation": 2, "test": 1, "total": 6}
 
 
 def test_split_records_errors():
     mixed = [*_records(3), {"id": "x", "split": "train"}]
     with pytest.raises(DataError, match="1 of 4 records carry a 'split' key"):
-        split_records(mixed, val_fraction=0.1, test_fraction=0.1, seed=0)
-    with pytest.raises(DataError, match="leaves no train split"):
-        split_records(_records(10), val_fraction=0.5, test_fraction=0.5, seed=0)
+        split_records(mixed, seed=0)
+    with pytest.raises(DataError, match="too few for 8 train and 2 validation"):
+        split_records(_records(10), train_size=8, validation_size=2, seed=0)
     with pytest.raises(DataError, match="too few"):
-        split_records(_records(2), val_fraction=0.1, test_fraction=0.1, seed=0)
+        split_records(_records(2), seed=0)
     with pytest.raises(DataError, match="has split 'holdout'"):
-        split_records([{"id": "x", "split": "holdout"}], val_fraction=0, test_fraction=0, seed=0)
+        split_records([{"id": "x", "split": "holdout"}], seed=0)
+    only_train = [{"id": str(i), "split": "train"} for i in range(5)]
+    with pytest.raises(DataError, match=r"\['test'\] split\(s\) came out empty"):
+        split_records(only_train, seed=0)
 
 
 def test_licences_cover_every_reader():

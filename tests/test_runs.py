@@ -37,7 +37,9 @@ def tiny_config(base: Path) -> dict:
     return {
         "name": "tiny",
         "base_model": str(base),
-        "preprocess": {"datasets": ["sciq"], "max_train": 32, "max_eval": 8, "seed": 1},
+        "preprocess": {
+            "datasets": ["sciq"], "train_size": 32, "validation_size": 8, "test_size": 8, "seed": 1
+        },  # fmt: skip
         "search": {
             "steps": 3,
             "batch_size": 4,
@@ -56,7 +58,7 @@ def tiny_config(base: Path) -> dict:
             "warmup_steps": 1,
             "checkpoint_every": 2,
         },
-        "evaluate": {"mode": "loglik", "batch_size": 8},
+        "evaluate": {"batch_size": 8},
         "gpu_count": 0,
     }
 

@@ -61,9 +61,11 @@ def world(tmp_path_factory):
         root / "data",
         "--datasets",
         "sciq",
-        "--max-train",
+        "--train-size",
         48,
-        "--max-eval",
+        "--validation-size",
+        8,
+        "--test-size",
         8,
         "--seed",
         1,
@@ -287,7 +289,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "scienceqa"
         ("images_only", "no text-only"),
         ("bad_answers", "answer"),
         ("missing_output", "output"),
-        ("one_row", "empty"),
+        ("one_row", "too few"),
     ],
 )
 def test_preprocess_bad_data_exits_2(tmp_path, kind, message):

@@ -91,11 +91,13 @@ def _lineage(args: argparse.Namespace) -> int:
 
     default_tracking(args.root)
     rec, tree = lineage(args.run, experiment=args.experiment)
-    score = " ".join(
-        f"{k} {rec.metrics[k]:.4f}" for k in ("accuracy", "acc_norm") if k in rec.metrics
-    )
-    total = int(rec.metrics.get("total", 0))
-    print(f"score: {score} on {total} questions (MLflow run {rec.run_id})")
+    m = rec.metrics
+    score = " ".join(f"{k} {m[k]:.4f}" for k in ("accuracy", "acc_norm") if k in m)
+    if "accuracy_ci95_low" in m:
+        score += f" (95% CI {m['accuracy_ci95_low']:.4f}-{m['accuracy_ci95_high']:.4f})"
+    total = int(m.get("total", 0))
+    formulation = rec.tags.get("guilomo.formulation", "?")
+    print(f"score: {score} on {total} questions, {formulation} (MLflow run {rec.run_id})")
     print("\n".join(render_lineage(tree)))
     return 0
 

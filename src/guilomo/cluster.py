@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .textfiles import read_text
+
 #: `torchrun` (one process per GPU of the node, DDP) running `guilomo stage sft`.
 TORCHRUN = [
     "torchrun",
@@ -78,7 +80,7 @@ def load_gpu_pool(path: Path, name: str | None = None) -> dict[str, Any]:
     import yaml
 
     try:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
+        doc = yaml.safe_load(read_text(path)) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"{path}: cannot read the GPU pools ({exc})") from None
     return gpu_pool(doc, name or str(doc.get("default", "")))

@@ -112,8 +112,10 @@ def evaluate_op(  # noqa: ANN201
 
     tracking = Tracking(parent_run_id, kfp_run, kfp_task, gpus)
     result = evaluate_task(config, Io.of(dataset), Io.of(adapter), Io.of(report), tracking)
-    metrics.log_metric("accuracy", result["accuracy"])
-    metrics.log_metric("total", result["total"])
+    from guilomo.stages.evaluate import report_metrics
+
+    for key, value in report_metrics(result).items():
+        metrics.log_metric(key, value)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -131,8 +133,10 @@ def evaluate_base_op(  # noqa: ANN201
 
     tracking = Tracking(parent_run_id, kfp_run, kfp_task, gpus)
     result = evaluate_task(config, Io.of(dataset), None, Io.of(report), tracking)
-    metrics.log_metric("accuracy", result["accuracy"])
-    metrics.log_metric("total", result["total"])
+    from guilomo.stages.evaluate import report_metrics
+
+    for key, value in report_metrics(result).items():
+        metrics.log_metric(key, value)
 
 
 COMPONENTS = {

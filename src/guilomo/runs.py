@@ -26,6 +26,7 @@ from .stages.evaluate import EvalConfig
 from .stages.preprocess import PreprocessConfig
 from .stages.search import SearchConfig
 from .stages.sft import SftConfig
+from .textfiles import read_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO_ROOT / "pipelines" / "configs" / "demo.yaml"
@@ -120,7 +121,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        doc = yaml.safe_load(Path(path).read_text())
+        doc = yaml.safe_load(read_text(path))
     except FileNotFoundError:
         raise ValueError(f"{path}: config file not found") from None
     except yaml.YAMLError as exc:
@@ -490,9 +491,9 @@ def _fmt_metrics(rec: Any) -> str:
         "allocate": ("experts", "total_rank", "trainable_parameters"),
         "preset": ("experts", "total_rank", "trainable_parameters"),
         "sft": ("final_loss", "tokens_per_second"),
-        "evaluate": ("accuracy", "acc_norm"),
-        "evaluate-base": ("accuracy", "acc_norm"),
     }.get(rec.stage, ())
+    if rec.stage in ("evaluate", "evaluate-base") and "accuracy" in m:
+        return _fmt_accuracy(m)
     parts = []
     for k in keys:
         if k in m:
@@ -501,6 +502,20 @@ def _fmt_metrics(rec: Any) -> str:
                 f"{k.split('.')[-1]}={v:.4g}" if v != int(v) else f"{k.split('.')[-1]}={int(v)}"
             )
     return " ".join(parts)
+
+
+def _fmt_accuracy(m: dict[str, float]) -> str:
+    """accuracy with its 95% interval and N, then acc_norm and the majority baseline."""
+    text = f"accuracy={m['accuracy']:.3f}"
+    if "accuracy_ci95_low" in m:
+        text += f" [{m['accuracy_ci95_low']:.3f}, {m['accuracy_ci95_high']:.3f}]"
+    if "total" in m:
+        text += f" N={int(m['total'])}"
+    if "acc_norm" in m:
+        text += f" acc_norm={m['acc_norm']:.3f}"
+    if "majority_baseline" in m:
+        text += f" majority={m['majority_baseline']:.3f}"
+    return text
 
 
 def summary_table(summary: RunSummary) -> str:

@@ -285,7 +285,7 @@ def evaluate_task(
     import tempfile
 
     from .plots import expert_load
-    from .stages.evaluate import EvalConfig, run_evaluate
+    from .stages.evaluate import EvalConfig, headline, report_metrics, run_evaluate
 
     cfg = EvalConfig.model_validate(config)
     inputs = {"dataset": dataset} | ({"adapter": adapter} if adapter is not None else {})
@@ -300,10 +300,10 @@ def evaluate_task(
             parents=[v.uri for v in inputs.values()],
             progress=False,
         )
-        keys = ("accuracy", "acc_norm", "total", "failures")
-        metrics = {k: float(report[k]) for k in keys if k in report}
         tr.log_metrics({COMPUTE: time.perf_counter() - t0})
+        tr.log_tags({"guilomo.formulation": report["formulation"]})
         # the score also on the adapter's LoggedModel, tied to the dataset's digest
+        metrics = report_metrics(report)
         tr.log_metrics(metrics, model_id=tr.input_models.get("adapter"), dataset="dataset")
         tr.log_output("report", out.uri)
         if report.get("expert_load"):
@@ -311,7 +311,7 @@ def evaluate_task(
                 tr.log_artifacts(
                     [expert_load(report["expert_load"], Path(tmp) / "expert_load.png")]
                 )
-    _say(f"{stage}: accuracy {report['accuracy']:.4f} ({report['total']} questions) -> {out.uri}")
+    _say(f"{stage}: {headline(report)} -> {out.uri}")
     return report
 
 

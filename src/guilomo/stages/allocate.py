@@ -13,8 +13,16 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..moe.config import ALL_PROJECTIONS, Allocation, ModuleAllocation, Placement, build_allocation
+from ..moe.config import (
+    ALL_PROJECTIONS,
+    Allocation,
+    ModuleAllocation,
+    Placement,
+    build_allocation,
+    check_top_k,
+)
 from ..moe.search import allocation_parameters, extract_allocation
+from ..textfiles import read_text
 
 _PREFIXES = ("base_model.model.",)  # PEFT-style wrapping in the reference's module names
 _RANK_KEY = re.compile(r"^(?P<module>.+)\.expertlora_E_vector_(?P<j>\d+)$")
@@ -26,7 +34,7 @@ class AllocationInputError(ValueError):
 
 def _read_json_object(path: Path) -> dict:
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = json.loads(read_text(path, error=AllocationInputError))
     except FileNotFoundError:
         raise AllocationInputError(f"{path}: not found") from None
     except json.JSONDecodeError as exc:
@@ -74,13 +82,19 @@ def import_reference_json(
                 f"{rank_json}: key {key!r} is not '<module>.expertlora_E_vector_<j>'"
             )
         ranks[(m["module"], int(m["j"]))] = value
-    modules = {}
     for name in module_names:
         n = experts[name]
         if not isinstance(n, int) or n < 1:
             raise AllocationInputError(
                 f"{expert_json}: {name}: expert count must be an integer >= 1, got {n!r}"
             )
+    try:
+        check_top_k(top_k, {m: experts[m] for m in module_names}, more="give it more experts")
+    except ValueError as exc:
+        raise AllocationInputError(f"{expert_json}: {exc}") from None
+    modules = {}
+    for name in module_names:
+        n = experts[name]
         rs = []
         for j in range(n):
             if (name, j) not in ranks:
@@ -89,7 +103,7 @@ def import_reference_json(
                 )
             rs.append(ranks[(name, j)])
         try:
-            modules[name] = ModuleAllocation(experts=n, top_k=min(top_k, n), ranks=rs)
+            modules[name] = ModuleAllocation(experts=n, top_k=top_k, ranks=rs)
         except ValueError as exc:
             raise AllocationInputError(f"{rank_json}: {name}: {exc}") from None
     return Allocation(base_model=base_model, modules=modules)
@@ -134,8 +148,10 @@ class AllocateConfig(BaseModel):
     base_model: str = Field(
         default="smollm2-135m", description="Base model (for module names and shapes)."
     )
-    preset: str | None = Field(
-        default=None, description="MoLA preset instead of a search: uniform, 2468, 8642."
+    preset: str | list[int] | None = Field(
+        default=None,
+        description="MoLA preset instead of a search: uniform, 2468, 8642, or experts per "
+        "layer as a list ([2,4,6,8] on the command line).",
     )
     experts: int = Field(default=4, ge=1, description="preset uniform: experts per module.")
     top_k: int = Field(default=2, ge=1, description="preset / reference import: top-k.")

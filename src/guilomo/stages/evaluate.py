@@ -1,29 +1,28 @@
-"""Evaluate stage: accuracy of the base model, or base + Adapter, on a PreparedDataset split.
+"""Evaluate stage: accuracy of the base model, or base + Adapter, on a PreparedDataset split,
+in the formulation the dataset was prepared in (and the adapter trained in).
 
-Two modes:
+- ``rc`` and ``mc``: each option's continuation is scored by its summed log-likelihood
+  after its context (`guilomo.scoring`, tokenised as lm-evaluation-harness does). ``acc``
+  picks the largest sum, ``acc_norm`` the largest sum per character of the option text
+  (the harness's definition).
+- ``generate``: batched greedy decoding after the prompt; the answer letter is read by
+  ScienceQA's strict rule (exactly one ``The answer is X``) and compared with the gold
+  letter. A lenient reading ("The answer is (B)", "B)", a lone "B") is counted beside it
+  for the report, never in the accuracy.
 
-- ``generate``: batched greedy generation from the prompt template; the answer letter is
-  extracted from the response by ScienceQA's rule (:func:`extract_answer`) and compared with
-  the record's ``answer``. A response with no (or several) answers counts as wrong and as a
-  failure.
-- ``loglik``: multiple-choice scoring. The options are parsed from the instruction's
-  ``Options: (A) .. (B) ..`` line (:func:`parse_options`); each option is scored by the sum
-  of the log-probabilities of the continuation ``"Answer: {option text}"`` after the prompt.
-  ``accuracy`` takes the option with the highest sum, ``acc_norm`` the highest per-token mean.
+Every accuracy comes with its N and 95% Wilson interval, the distribution of predicted
+answers and the majority-answer baseline of the same questions. The result is an
+``EvalReport`` artifact with ``report.json``::
 
-The result is an ``EvalReport`` artifact with ``report.json``::
-
-    report = run_evaluate(EvalConfig(mode="loglik"), dataset=data, out=out, adapter=adapter)
-    report["accuracy"], report["per_subject"]["natural science"]["accuracy"]
+    report = run_evaluate(EvalConfig(), dataset=data, out=out, adapter=adapter)
+    report["accuracy"], report["ci95"], report["majority_baseline"]["accuracy"]
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,43 +31,48 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from ..artifacts import ArtifactWriter, read_artifact
-from ..data.prepared import read_split
-from ..data.prompts import Template, load_template
+from ..data.formulations import LETTERS, Formulation, scored_pairs
+from ..data.prepared import dataset_info, read_split
+from ..evalstats import summarise, wilson_interval
+from ..scoring import encode, encode_pair, loglikelihoods, pad_id
 
 __all__ = [
     "ANSWER_PATTERN",
     "EvalConfig",
     "evaluate",
     "extract_answer",
-    "parse_options",
+    "lenient_answer",
     "run_evaluate",
 ]
 
 # ScienceQA's rule (and MoLA's): case-sensitive, no word boundary after the letter.
 ANSWER_PATTERN = re.compile(r"The answer is ([A-Z])")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-CONTINUATION = "Answer: {option}"
-# The options line: "Options: (A) " at the start of the instruction or of a line.
-_OPTIONS_LINE = re.compile(r"(?:^|\n)Options: (?=\(A\) )")
+# What a reader would still take for an answer, the letter always a capital standing alone:
+# "the answer is (B)" / "Answer: B" anywhere, or a response opening with "(B)",
+# "B)", "B." or "B:", or that is just "B".
+_LENIENT = (
+    re.compile(r"(?i:answer(?: is)?):?\s*\(?([A-Z])(?![A-Za-z])"),
+    re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])(?:[).:]|\s*$))"),
+)
 
 
 class EvalConfig(BaseModel):
-    """Evaluation settings."""
+    """Evaluation settings. The formulation is the dataset's (chosen in preprocess)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: Literal["generate", "loglik"] = Field(
-        default="generate",
-        description="generate: greedy decoding + answer extraction; loglik: score each option.",
-    )
     split: Literal["train", "validation", "test"] = Field(
         default="test", description="The PreparedDataset split to evaluate."
     )
     max_new_tokens: int = Field(
-        default=16, ge=1, description="Tokens generated per prompt (generate mode)."
+        default=16, ge=1, description="Tokens generated per prompt (generate formulation)."
     )
-    batch_size: int = Field(default=16, ge=1, description="Sequences per forward / generate call.")
-    template: str = Field(default="alpaca", description="Prompt template name or JSON path.")
+    batch_size: int = Field(
+        default=16,
+        ge=1,
+        description="Prompts per forward pass: questions (rc, mc: all their options go in one "
+        "second pass) or generations.",
+    )
     limit: int | None = Field(
         default=None, ge=1, description="Evaluate only the first N records of the split."
     )
@@ -77,7 +81,7 @@ class EvalConfig(BaseModel):
     )
 
 
-# ----------------------------------------------------------------------------- parsing
+# ----------------------------------------------------------------------------- answers
 
 
 def extract_answer(text: str) -> str | None:
@@ -93,78 +97,17 @@ def extract_answer(text: str) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def parse_options(instruction: str) -> list[tuple[str, str]]:
-    """The ``(letter, text)`` options of a multiple-choice instruction.
-
-    The options line is the last line starting ``Options: (A) `` (text after its end of line
-    is not part of it). It is cut at `` (B) ``, then at `` (C) `` after that, and so on: only
-    the next consecutive letter ends an option, so parentheses in option texts ("H (2)",
-    "(a) or (b)", "see (D)") are kept. An option text containing the literal next marker
-    (" (B) " inside option A) cannot be told apart and is cut there. Texts are stripped.
-
-    Raises:
-        ValueError: there is no options line, or it lists fewer than two options.
-    """
-    matches = list(_OPTIONS_LINE.finditer(instruction))
-    if not matches:
-        raise ValueError("no 'Options: (A) ...' line in the instruction")
-    start = matches[-1].end()
-    end = instruction.find("\n", start)
-    line = instruction[start : end if end >= 0 else len(instruction)]
-    pos = len("(A) ")
-    options: list[tuple[str, str]] = []
-    for i, letter in enumerate(LETTERS):
-        nxt = re.compile(rf" \({LETTERS[i + 1]}\)(?: |$)") if i + 1 < len(LETTERS) else None
-        m = nxt.search(line, pos) if nxt is not None else None
-        if m is None:
-            options.append((letter, line[pos:].strip()))
-            break
-        options.append((letter, line[pos : m.start()].strip()))
-        pos = m.end()
-    if len(options) < 2:
-        raise ValueError("the options line lists only option A; need at least 2 options")
-    return options
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token; set one")
-    return int(pad)
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
-
-
-def _batches(order: Sequence[int], size: int) -> list[list[int]]:
-    return [list(order[i : i + size]) for i in range(0, len(order), size)]
-
-
-def _check_records(records: Sequence[Mapping[str, Any]]) -> None:
-    if not records:
-        raise ValueError("no records to evaluate (the split is empty or limit is 0)")
-    for i, r in enumerate(records):
-        if not r.get("answer"):
-            rid = r.get("id", f"#{i}")
-            raise ValueError(
-                f"record {rid}: no 'answer' to compare with; evaluate needs records with an "
-                "answer letter (multiple-choice data)"
-            )
-
-
-def _record_id(record: Mapping[str, Any], index: int) -> str:
-    return str(record.get("id", f"#{index}"))
+def lenient_answer(text: str) -> str | None:
+    """The letter a lenient reader takes from a response the strict rule may reject:
+    "the answer is (B)", "The answer is: B", "(B) heat", "B) heat", "B". None when no
+    pattern or more than one distinct letter matches."""
+    for pattern in _LENIENT:
+        found = {"".join(m) if isinstance(m, tuple) else m for m in pattern.findall(text)}
+        if len(found) == 1:
+            return found.pop()
+        if found:
+            return None
+    return None
 
 
 # ----------------------------------------------------------------------------- generate
@@ -195,7 +138,7 @@ def generation_kwargs(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
-            pad_token_id=_pad_id(tokenizer),
+            pad_token_id=pad_id(tokenizer),
             eos_token_id=eos or None,
         )
     }
@@ -208,165 +151,200 @@ def _left_pad(seqs: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.
     return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
 def _generate(
     model: torch.nn.Module,
     tokenizer: Any,
-    template: Template,
     records: Sequence[Mapping[str, Any]],
     config: EvalConfig,
+    response_split: str | None,
     progress: bool,
 ) -> list[str]:
     """The response text of every record (greedy, batched with left padding)."""
-    prompts = [
-        _encode(tokenizer, template.prompt(r["instruction"], r.get("input", ""))) for r in records
-    ]
-    pad = _pad_id(tokenizer)
+    prompts = [encode(tokenizer, r["prompt"]) for r in records]
+    pad = pad_id(tokenizer)
     eos = set(_eos_ids(model, tokenizer))
     kwargs = generation_kwargs(model, tokenizer, config.max_new_tokens)
     device = _device(model)
     # Longest first: similar lengths share a batch (less padding), and memory peaks early.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     responses = [""] * len(prompts)
-    for batch in tqdm(_batches(order, config.batch_size), desc="evaluate", disable=not progress):
+    for batch in tqdm(batches, desc="evaluate", disable=not progress):
         ids, mask = _left_pad([prompts[i] for i in batch], pad)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for row, i in enumerate(batch):
             new = out[row, ids.shape[1] :].tolist()
             stop = next((k for k, t in enumerate(new) if t in eos), len(new))
             text = tokenizer.decode(new[:stop], skip_special_tokens=True)
-            # As the reference's split on the response marker: text after the prompt's marker
-            # and before any marker the model generates itself.
-            responses[i] = text.split(template.response_split)[0].strip()
+            # As the reference's split on the response marker: text before any marker the
+            # model generates itself.
+            if response_split:
+                text = text.split(response_split)[0]
+            responses[i] = text.strip()
     return responses
 
 
-# ------------------------------------------------------------------------------- loglik
-
-
-@dataclass
-class _Request:
-    record: int
-    letter: str
-    ids: list[int]
-    boundary: int  # ids[boundary:] is the scored continuation
-
-
-def loglik_requests(
-    tokenizer: Any,
-    template: Template,
-    records: Sequence[Mapping[str, Any]],
-) -> list[_Request]:
-    """One scoring request per (record, option).
-
-    The prompt and prompt + continuation are tokenised whole (BOS included, as in SFT); the
-    continuation is ``ids[boundary:]`` where ``boundary`` is the prompt's token count. Should
-    a token merge across the prompt/continuation seam (the prompt's tokens are then not a
-    prefix of the full sequence), the boundary is the common prefix, so the merged token is
-    scored with the continuation.
-    """
-    requests = []
-    for index, record in enumerate(records):
-        rid = _record_id(record, index)
-        try:
-            options = parse_options(record["instruction"])
-        except ValueError as err:
-            raise ValueError(
-                f"record {rid}: {err}; loglik mode needs multiple-choice records"
-            ) from None
-        letters = [letter for letter, _ in options]
-        if record["answer"] not in letters:
-            raise ValueError(
-                f"record {rid}: answer {record['answer']!r} is not one of its options {letters}"
-            )
-        prompt = template.prompt(record["instruction"], record.get("input", ""))
-        p_ids = _encode(tokenizer, prompt)
-        for letter, text in options:
-            ids = _encode(tokenizer, prompt + CONTINUATION.format(option=text))
-            boundary = 0
-            limit = min(len(p_ids), len(ids))
-            while boundary < limit and p_ids[boundary] == ids[boundary]:
-                boundary += 1
-            if boundary == 0 or boundary >= len(ids):
-                raise ValueError(
-                    f"record {rid}: option {letter} leaves no continuation token to score after "
-                    "the prompt (or no prompt token to score it from)"
-                )
-            requests.append(_Request(index, letter, ids, boundary))
-    return requests
-
-
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def score_requests(
+def _evaluate_generate(
     model: torch.nn.Module,
-    requests: Sequence[_Request],
-    pad: int,
-    batch_size: int,
-    progress: bool = False,
-) -> list[tuple[float, int]]:
-    """(sum of continuation token log-probs, continuation token count) per request.
-
-    One forward per batch of right-padded sequences (causal attention: the padding after a
-    sequence cannot change its logits). Only the logits of the span that holds some
-    continuation are computed (``logits_to_keep``) when the model supports it.
-    """
-    device = _device(model)
-    keep_ok = _accepts_logits_to_keep(model)
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
-    scores: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
-    for batch in tqdm(_batches(order, batch_size), desc="evaluate", disable=not progress):
-        reqs = [requests[i] for i in batch]
-        width = max(len(r.ids) for r in reqs)
-        ids = torch.tensor([r.ids + [pad] * (width - len(r.ids)) for r in reqs], dtype=torch.long)
-        mask = torch.tensor(
-            [[1] * len(r.ids) + [0] * (width - len(r.ids)) for r in reqs], dtype=torch.long
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    config: EvalConfig,
+    response_split: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    responses = _generate(model, tokenizer, records, config, response_split, progress)
+    predictions = []
+    for i, (r, response) in enumerate(zip(records, responses, strict=True)):
+        pred = extract_answer(response)
+        lenient = lenient_answer(response) if pred is None else pred
+        predictions.append(
+            {
+                "id": _record_id(r, i),
+                "answer": r["answer"],
+                "prediction": pred,
+                "correct": pred is not None and pred == r["answer"],
+                "lenient": lenient,
+                "response": response,
+            }
         )
-        # logits at position t predict token t + 1: continuation tokens [b, n) need [b-1, n-1).
-        lo = min(r.boundary for r in reqs) - 1 if keep_ok else 0
-        hi = max(len(r.ids) for r in reqs) - 1 if keep_ok else width
-        kwargs: dict[str, Any] = {}
-        if keep_ok:
-            kwargs["logits_to_keep"] = torch.arange(lo, hi, device=device)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
-        for row, (i, r) in enumerate(zip(batch, reqs, strict=True)):
-            n = len(r.ids)
-            rows = logits[row, r.boundary - 1 - lo : n - 1 - lo].float()
-            logp = torch.log_softmax(rows, dim=-1)
-            target = torch.tensor(r.ids[r.boundary :], device=logp.device)
-            total = logp.gather(1, target[:, None]).sum()
-            scores[i] = (float(total), n - r.boundary)
-    return scores
+    report = _summary(records, predictions)
+    rejected = [p for p in predictions if p["prediction"] is None]
+    report["failures"] = len(rejected)
+    readable = [p for p in rejected if p["lenient"] is not None]
+    report["lenient"] = {
+        "rejected_but_readable": len(readable),
+        "of_which_correct": sum(p["lenient"] == p["answer"] for p in readable),
+        "note": "answers the strict rule rejected that a lenient reading takes (e.g. "
+        "'The answer is (B)'); not counted in the accuracy",
+    }
+    report["predictions"] = predictions
+    return report
 
 
-def _argmax(values: Mapping[str, float]) -> str:
-    """The key of the largest value; ties go to the earliest option letter."""
-    best = None
-    for key, value in values.items():
-        if best is None or value > values[best]:
-            best = key
-    assert best is not None
-    return best
+# ----------------------------------------------------------------------------- log-lik
+
+
+def _evaluate_loglik(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    config: EvalConfig,
+    progress: bool,
+) -> dict[str, Any]:
+    pairs, owner = [], []
+    for i, r in enumerate(records):
+        for context, continuation in scored_pairs(r):
+            try:
+                pairs.append(encode_pair(tokenizer, context, continuation))
+            except ValueError as err:
+                raise ValueError(f"record {_record_id(r, i)}: {err}") from None
+            owner.append(i)
+    scores = loglikelihoods(
+        model, pairs, pad=pad_id(tokenizer), batch_size=config.batch_size, progress=progress
+    )
+    per_record: list[list[float]] = [[] for _ in records]
+    for i, s in zip(owner, scores, strict=True):
+        per_record[i].append(s)
+    predictions = []
+    for i, (r, lls) in enumerate(zip(records, per_record, strict=True)):
+        # per character of the option text, not of the delimiter (the harness's acc_norm)
+        norm = [ll / len(text) for ll, text in zip(lls, r["choices"], strict=True)]
+        pred, pred_norm = _argmax(lls), _argmax(norm)
+        predictions.append(
+            {
+                "id": _record_id(r, i),
+                "answer": r["answer"],
+                "prediction": LETTERS[pred],
+                "correct": LETTERS[pred] == r["answer"],
+                "prediction_norm": LETTERS[pred_norm],
+                "correct_norm": LETTERS[pred_norm] == r["answer"],
+                "scores": lls,
+                "scores_norm": norm,
+            }
+        )
+    report = _summary(records, predictions)
+    norm = summarise(
+        [p["correct_norm"] for p in predictions],
+        [p["prediction_norm"] for p in predictions],
+        [p["answer"] for p in predictions],
+    )
+    report["acc_norm"] = norm["accuracy"]
+    report["correct_norm"] = norm["correct"]
+    report["acc_norm_ci95"] = norm["ci95"]
+    report["predicted_norm"] = norm["predicted"]
+    report["predictions"] = predictions
+    return report
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """The index of the largest value; ties go to the earliest option."""
+    return max(range(len(values)), key=lambda j: (values[j], -j))
 
 
 # ------------------------------------------------------------------------------ evaluate
 
 
-def _per_subject(
-    records: Sequence[Mapping[str, Any]], correct: Sequence[bool]
-) -> dict[str, dict[str, Any]] | None:
-    if not any(r.get("subject") for r in records):
-        return None
+def _record_id(record: Mapping[str, Any], index: int) -> str:
+    return str(record.get("id", f"#{index}"))
+
+
+def _check_records(records: Sequence[Mapping[str, Any]], formulation: Formulation) -> None:
+    if not records:
+        raise ValueError("no records to evaluate (the split is empty or limit is 0)")
+    for i, r in enumerate(records):
+        rid = _record_id(r, i)
+        if not r.get("answer"):
+            raise ValueError(
+                f"record {rid}: no 'answer' to compare with; evaluate needs records with an "
+                "answer letter (multiple-choice data)"
+            )
+        if "prompt" not in r:
+            raise ValueError(f"record {rid}: no 'prompt'; rerun preprocess to formulate it")
+        if formulation != "generate":
+            if not r.get("choices"):
+                raise ValueError(f"record {rid}: no 'choices' to score ({formulation})")
+            letters = LETTERS[: len(r["choices"])]
+            if r["answer"] not in letters:
+                raise ValueError(
+                    f"record {rid}: answer {r['answer']!r} is not one of its options "
+                    f"{list(letters)}"
+                )
+
+
+def _breakdown(
+    records: Sequence[Mapping[str, Any]], correct: Sequence[bool], key: str
+) -> dict[str, dict[str, Any]]:
+    """Accuracy per value of `key` (subject, source), with intervals."""
     tally: dict[str, list[int]] = {}
     for r, ok in zip(records, correct, strict=True):
-        t = tally.setdefault(str(r.get("subject") or "(none)"), [0, 0])
+        t = tally.setdefault(str(r.get(key) or "(none)"), [0, 0])
         t[0] += int(ok)
         t[1] += 1
-    return {s: {"accuracy": c / n, "correct": c, "total": n} for s, (c, n) in sorted(tally.items())}
+    return {
+        s: {"accuracy": c / n, "correct": c, "total": n, "ci95": list(wilson_interval(c, n))}
+        for s, (c, n) in sorted(tally.items())
+    }
+
+
+def _summary(
+    records: Sequence[Mapping[str, Any]], predictions: list[dict[str, Any]]
+) -> dict[str, Any]:
+    correct = [p["correct"] for p in predictions]
+    report = summarise(
+        correct, [p["prediction"] for p in predictions], [p["answer"] for p in predictions]
+    )
+    if any(r.get("subject") for r in records):
+        report["per_subject"] = _breakdown(records, correct, "subject")
+    if len({r.get("source") for r in records}) > 1:
+        report["per_source"] = _breakdown(records, correct, "source")
+    return report
 
 
 def evaluate(
@@ -375,114 +353,40 @@ def evaluate(
     records: Sequence[Mapping[str, Any]],
     config: EvalConfig,
     *,
+    formulation: Formulation,
+    response_split: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate `model` on `records` (``config.limit`` is applied here).
+    """Evaluate `model` on formulated `records` (``config.limit`` is applied here).
 
     Returns:
-        ``{"accuracy", "correct", "total", "failures", "per_subject" (when records have a
-        subject), "predictions": [{"id", "answer", "prediction", "correct", ...}]}``; the
-        predictions hold the ``response`` in generate mode and the per-option ``scores``
-        (summed log-probs), ``prediction_norm`` and ``correct_norm`` in loglik mode, where
-        the report also has ``acc_norm`` (failures are then always 0).
+        ``{"formulation", "accuracy", "correct", "total", "ci95", "predicted", "gold",
+        "majority_baseline", "per_subject" / "per_source" (when there are several),
+        "predictions": [{"id", "answer", "prediction", "correct", ...}]}``. rc / mc add
+        ``acc_norm``, ``acc_norm_ci95``, ``predicted_norm`` and per prediction the options'
+        ``scores`` (summed log-likelihoods), ``scores_norm``, ``prediction_norm``; generate
+        adds ``failures`` (no answer by the strict rule), ``lenient`` and each ``response``.
 
     Raises:
-        ValueError: no records, a record without an answer, or (loglik) a record whose
-            instruction has no options line; the message names the record's id.
+        ValueError: no records, a record without an answer, prompt or choices, or an answer
+            outside its options; the message names the record's id.
     """
     if config.limit is not None:
         records = records[: config.limit]
-    _check_records(records)
-    template = load_template(config.template)
+    _check_records(records, formulation)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            if config.mode == "generate":
-                report = _evaluate_generate(model, tokenizer, template, records, config, progress)
+            if formulation == "generate":
+                report = _evaluate_generate(
+                    model, tokenizer, records, config, response_split, progress
+                )
             else:
-                report = _evaluate_loglik(model, tokenizer, template, records, config, progress)
+                report = _evaluate_loglik(model, tokenizer, records, config, progress)
     finally:
         model.train(was_training)
-    return report
-
-
-def _summary(
-    records: Sequence[Mapping[str, Any]], predictions: list[dict[str, Any]], failures: int
-) -> dict[str, Any]:
-    correct = [p["correct"] for p in predictions]
-    report: dict[str, Any] = {
-        "accuracy": sum(correct) / len(correct),
-        "correct": sum(correct),
-        "total": len(correct),
-        "failures": failures,
-    }
-    per_subject = _per_subject(records, correct)
-    if per_subject is not None:
-        report["per_subject"] = per_subject
-    return report
-
-
-def _evaluate_generate(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    template: Template,
-    records: Sequence[Mapping[str, Any]],
-    config: EvalConfig,
-    progress: bool,
-) -> dict[str, Any]:
-    responses = _generate(model, tokenizer, template, records, config, progress)
-    predictions = []
-    for i, (r, response) in enumerate(zip(records, responses, strict=True)):
-        pred = extract_answer(response)
-        predictions.append(
-            {
-                "id": _record_id(r, i),
-                "answer": r["answer"],
-                "prediction": pred,
-                "correct": pred is not None and pred == r["answer"],
-                "response": response,
-            }
-        )
-    failures = sum(p["prediction"] is None for p in predictions)
-    report = _summary(records, predictions, failures)
-    report["predictions"] = predictions
-    return report
-
-
-def _evaluate_loglik(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    template: Template,
-    records: Sequence[Mapping[str, Any]],
-    config: EvalConfig,
-    progress: bool,
-) -> dict[str, Any]:
-    requests = loglik_requests(tokenizer, template, records)
-    scored = score_requests(model, requests, _pad_id(tokenizer), config.batch_size, progress)
-    sums: list[dict[str, float]] = [{} for _ in records]
-    means: list[dict[str, float]] = [{} for _ in records]
-    for req, (total, count) in zip(requests, scored, strict=True):
-        sums[req.record][req.letter] = total
-        means[req.record][req.letter] = total / count
-    predictions = []
-    for i, r in enumerate(records):
-        pred, pred_norm = _argmax(sums[i]), _argmax(means[i])
-        predictions.append(
-            {
-                "id": _record_id(r, i),
-                "answer": r["answer"],
-                "prediction": pred,
-                "correct": pred == r["answer"],
-                "prediction_norm": pred_norm,
-                "correct_norm": pred_norm == r["answer"],
-                "scores": sums[i],
-            }
-        )
-    report = _summary(records, predictions, 0)
-    report["acc_norm"] = sum(p["correct_norm"] for p in predictions) / len(predictions)
-    report["predictions"] = predictions
-    return report
+    return {"formulation": formulation, "split": config.split, **report}
 
 
 # ------------------------------------------------------------------------------- stage
@@ -501,15 +405,17 @@ def run_evaluate(
 ) -> dict[str, Any]:
     """Evaluate the base model (or base + `adapter`) on a split; write an EvalReport at `out`.
 
-    The base model is ``load_model(config.base_model)`` unless `model` and `tokenizer` are
-    given. An `adapter` must be a verified Adapter artifact; it is injected into the model in
-    place (a passed-in `model` keeps it). Returns the report (also ``report.json``).
+    The formulation is the dataset's. The base model is ``load_model(config.base_model)``
+    unless `model` and `tokenizer` are given. An `adapter` must be a verified Adapter
+    artifact; it is injected into the model in place (a passed-in `model` keeps it). Returns
+    the report (also ``report.json``).
 
     Raises:
         ArtifactError: `dataset` or `adapter` is not a verified artifact of its kind, or the
             split is empty.
         ValueError: see :func:`evaluate`.
     """
+    info = dataset_info(Path(dataset))
     records = read_split(Path(dataset), config.split)
     if adapter is not None:
         read_artifact(Path(adapter), kind="Adapter")  # before the (slow) model load
@@ -523,17 +429,28 @@ def run_evaluate(
 
         moe = load_adapter(model, Path(adapter))
         moe.reset_router_stats()
-    report = evaluate(model, tokenizer, records, config, progress=progress)
+    report = evaluate(
+        model,
+        tokenizer,
+        records,
+        config,
+        formulation=info["formulation"],
+        response_split=info.get("response_split"),
+        progress=progress,
+    )
     if moe is not None:  # per module, the share of routed tokens each expert received
         report["expert_load"] = moe.router_stats()
     meta = {
+        "formulation": report["formulation"],
         "accuracy": report["accuracy"],
+        "ci95": report["ci95"],
         "total": report["total"],
-        "failures": report["failures"],
+        "majority_baseline": report["majority_baseline"]["accuracy"],
         "adapter": adapter is not None,
     }
-    if "acc_norm" in report:
-        meta["acc_norm"] = report["acc_norm"]
+    for key in ("acc_norm", "failures"):
+        if key in report:
+            meta[key] = report[key]
     with ArtifactWriter(
         out,
         kind="EvalReport",
@@ -545,3 +462,38 @@ def run_evaluate(
     ) as tmp:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def report_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a report worth a metric: accuracy and its interval, N, the majority
+    baseline, and acc_norm (rc, mc) or the failures and lenient count (generate)."""
+    metrics = {
+        "accuracy": report["accuracy"],
+        "accuracy_ci95_low": report["ci95"][0],
+        "accuracy_ci95_high": report["ci95"][1],
+        "total": report["total"],
+        "majority_baseline": report["majority_baseline"]["accuracy"],
+    }
+    if "acc_norm" in report:
+        metrics["acc_norm"] = report["acc_norm"]
+        metrics["acc_norm_ci95_low"], metrics["acc_norm_ci95_high"] = report["acc_norm_ci95"]
+    if "failures" in report:
+        metrics["failures"] = report["failures"]
+        metrics["lenient_readable"] = report["lenient"]["rejected_but_readable"]
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def headline(report: Mapping[str, Any]) -> str:
+    """One line: accuracy [interval] (N, formulation), acc_norm, the majority baseline."""
+    lo, hi = report["ci95"]
+    text = (
+        f"accuracy {report['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] "
+        f"(N={report['total']}, {report['formulation']})"
+    )
+    if "acc_norm" in report:
+        nlo, nhi = report["acc_norm_ci95"]
+        text += f", acc_norm {report['acc_norm']:.1%} [{nlo:.1%}, {nhi:.1%}]"
+    if "failures" in report:
+        text += f", no answer {report['failures']}"
+    base = report["majority_baseline"]
+    return text + f"; always '{base['answer']}': {base['accuracy']:.1%}"

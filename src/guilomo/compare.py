@@ -1,0 +1,215 @@
+"""Compare two evaluations of the same questions: how far apart they are, and how sure.
+
+Two EvalReports of one split (say the uniform and the searched allocation) give two
+accuracies; whether their difference is more than the luck of the questions drawn is a
+paired question, because both systems answered the same questions. `compare_reports`
+checks that they did (same count, and question by question the same id and gold answer),
+then gives each accuracy with its Wilson interval, the difference B - A with a paired
+bootstrap interval, and the exact McNemar test on the questions only one of them got right
+(see `guilomo.evalstats`).
+
+    cmp = compare_reports(read_report("runs/eval-uniform"), read_report("runs/eval-2468"))
+    print(format_comparison(cmp, "runs/eval-uniform", "runs/eval-2468"))
+
+`guilomo compare REPORT_A REPORT_B` does the same from the command line (s3:// URIs too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .artifacts import ArtifactError, read_artifact
+from .evalstats import mcnemar_exact, paired_bootstrap, wilson_interval
+
+Metric = Literal["acc", "acc_norm"]
+REPORT_FILE = "report.json"
+#: The per-question field each metric reads; acc_norm is the length-normalised pick of the
+#: option-scoring formulations ("rc", "mc"), which generation ("generate") does not have.
+METRIC_FIELD: dict[str, str] = {"acc": "correct", "acc_norm": "correct_norm"}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two evaluations of the same `n` questions under one metric (fractions, not percent).
+
+    `ci_a` / `ci_b` are 95% Wilson intervals, `diff` = acc_b - acc_a with its 95% paired
+    bootstrap interval `diff_ci` (`resamples`, `seed`), `b_only` / `a_only` the questions
+    only B / only A got right, and `p_value` the exact McNemar test on those two counts.
+    """
+
+    n: int
+    acc_a: float
+    acc_b: float
+    ci_a: tuple[float, float]
+    ci_b: tuple[float, float]
+    diff: float
+    diff_ci: tuple[float, float]
+    b_only: int
+    a_only: int
+    p_value: float
+    metric: Metric
+    formulation_a: str
+    formulation_b: str
+    resamples: int
+    seed: int
+
+
+def formulation(report: Mapping[str, Any]) -> str:
+    """The report's formulation; reports written before it was recorded were generations."""
+    return str(report.get("formulation", "generate"))
+
+
+def _predictions(report: Mapping[str, Any], name: str) -> Sequence[Mapping[str, Any]]:
+    preds = report.get("predictions")
+    if not isinstance(preds, list):
+        raise ValueError(
+            f"{name}: the report has no 'predictions' list, so its questions cannot be paired; "
+            "rerun `guilomo stage evaluate` to write one"
+        )
+    return preds
+
+
+def _field(q: Any, key: str, name: str, i: int) -> Any:
+    if not isinstance(q, Mapping) or key not in q:
+        raise ValueError(f"{name}: question {i} of 'predictions' has no {key!r}")
+    return q[key]
+
+
+def _check_same_questions(pa: Sequence[Mapping[str, Any]], pb: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse, naming the first difference, unless A and B are the same questions in order."""
+    if len(pa) != len(pb):
+        raise ValueError(
+            f"A has {len(pa)} questions, B has {len(pb)}: a paired comparison needs both "
+            "evaluated on the same split of the same PreparedDataset"
+        )
+    for i, (qa, qb) in enumerate(zip(pa, pb, strict=True)):
+        ida, idb = _field(qa, "id", "A", i), _field(qb, "id", "B", i)
+        gold_a, gold_b = _field(qa, "answer", "A", i), _field(qb, "answer", "B", i)
+        if ida != idb or gold_a != gold_b:
+            raise ValueError(
+                f"question {i}: A has id {ida!r} (answer {gold_a}), B has id {idb!r} "
+                f"(answer {gold_b}); the reports are not of the same questions in the same "
+                "order (question numbers count from 0, as in report.json's 'predictions')"
+            )
+
+
+def _right(
+    report: Mapping[str, Any], preds: Sequence[Mapping[str, Any]], name: str, metric: Metric
+) -> list[bool]:
+    """Per question, whether the report's pick under `metric` was the gold answer."""
+    if metric not in METRIC_FIELD:
+        raise ValueError(f"metric must be one of {sorted(METRIC_FIELD)}, got {metric!r}")
+    form = formulation(report)
+    if metric == "acc_norm" and form == "generate":
+        raise ValueError(
+            f"{name} is a 'generate' report, and that formulation has no acc_norm (only 'rc' and "
+            "'mc' score options and pick by length-normalised score); compare with --metric acc"
+        )
+    key = METRIC_FIELD[metric]
+    return [bool(_field(q, key, name, i)) for i, q in enumerate(preds)]
+
+
+def compare_reports(
+    a: Mapping[str, Any],
+    b: Mapping[str, Any],
+    *,
+    metric: Metric = "acc",
+    resamples: int = 10000,
+    seed: int = 0,
+) -> Comparison:
+    """Compare two report.json contents (A, the baseline, and B) on the same questions.
+
+    Raises:
+        ValueError: the reports hold different questions (a different count, or at some
+            position a different id or gold answer: the first one is named), a report has
+            no 'predictions', or `metric` is "acc_norm" and a report is a generation.
+    """
+    pa, pb = _predictions(a, "A"), _predictions(b, "B")
+    _check_same_questions(pa, pb)
+    if not pa:
+        raise ValueError("A and B have no questions: there is nothing to compare")
+    right_a, right_b = _right(a, pa, "A", metric), _right(b, pb, "B", metric)
+    n = len(right_a)
+    k_a, k_b = sum(right_a), sum(right_b)
+    a_only = sum(x and not y for x, y in zip(right_a, right_b, strict=True))
+    b_only = sum(y and not x for x, y in zip(right_a, right_b, strict=True))
+    diff, lo, hi = paired_bootstrap(right_a, right_b, resamples=resamples, seed=seed)
+    return Comparison(
+        n=n,
+        acc_a=k_a / n,
+        acc_b=k_b / n,
+        ci_a=wilson_interval(k_a, n),
+        ci_b=wilson_interval(k_b, n),
+        diff=diff,
+        diff_ci=(lo, hi),
+        b_only=b_only,
+        a_only=a_only,
+        p_value=mcnemar_exact(a_only, b_only),
+        metric=metric,
+        formulation_a=formulation(a),
+        formulation_b=formulation(b),
+        resamples=resamples,
+        seed=seed,
+    )
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def format_comparison(cmp: Comparison, name_a: str, name_b: str) -> str:
+    """Four lines: each accuracy with its Wilson interval, B - A with its bootstrap
+    interval, and the McNemar counts and p-value (percent and points, one decimal)."""
+    lines = []
+    for tag, name, acc, ci, form in (
+        ("A", name_a, cmp.acc_a, cmp.ci_a, cmp.formulation_a),
+        ("B", name_b, cmp.acc_b, cmp.ci_b, cmp.formulation_b),
+    ):
+        lines.append(
+            f"{tag} {name}: {_pct(acc)}% [{_pct(ci[0])}, {_pct(ci[1])}] "
+            f"(N={cmp.n:,}, {form}, {cmp.metric})"
+        )
+    lo, hi = cmp.diff_ci
+    lines.append(
+        f"B - A: {100 * cmp.diff:+.1f} points, 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+        f"(paired bootstrap, {cmp.resamples:,} resamples, seed {cmp.seed})"
+    )
+    lines.append(
+        f"McNemar exact: A only right {cmp.a_only:,}, B only right {cmp.b_only:,}, "
+        f"p = {_p(cmp.p_value)}"
+    )
+    return "\n".join(lines)
+
+
+def read_report(path: str | os.PathLike) -> dict[str, Any]:
+    """The report.json of the EvalReport artifact at the local folder `path`, verified
+    (manifest, kind, checksums) first.
+
+    Raises:
+        ArtifactError: naming `path`: not a complete EvalReport, or its report.json is
+            missing, not JSON, or has no 'predictions' list.
+    """
+    root = Path(path)
+    manifest = read_artifact(root, kind="EvalReport")
+    file = root / REPORT_FILE
+    if REPORT_FILE not in manifest.files:
+        raise ArtifactError(f"{root}: this EvalReport has no {REPORT_FILE}")
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{file}: not valid JSON: {exc}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("predictions"), list):
+        raise ArtifactError(
+            f"{file}: no 'predictions' list, so its questions cannot be paired; rerun "
+            "`guilomo stage evaluate` to write one"
+        )
+    return report
