@@ -7,16 +7,19 @@ tokenizer's own special tokens, and the continuation is the whole text's tokens 
 context's token count; the model reads ``context tokens + continuation tokens``.
 
 Speed (:func:`loglikelihoods`): the pairs are grouped by their context tokens (a question's
-options share one), and contexts are batched by length, longest first. One pass over a
-batch of left-padded contexts returns their KV cache and the logits of each context's last
-token (the first continuation token's prediction); a second pass runs every continuation
-of the batch against its context's cache. A question with four options and a long passage
-(SciQ, BoolQ) thus costs one passage, not four. Padding and positions are explicit, so the
-result equals one forward over each pair alone, to float tolerance.
+options share one), and contexts are batched by length (context plus longest option),
+longest first. One pass over a batch of left-padded contexts returns their KV cache and
+the logits of each context's last token (the first continuation token's prediction); then
+the batch's continuations run against their contexts' cache, sorted by length and in
+chunks as large as the batch, so one long option does not pad the others. A question with
+four options and a long passage (SciQ, BoolQ) thus costs one passage, not four. Padding
+and positions are explicit, so the result equals one forward over each pair alone, to
+float tolerance.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -94,7 +97,10 @@ def loglikelihoods(
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(pairs):
         groups.setdefault(tuple(ctx), []).append(i)
-    contexts = sorted(groups, key=lambda c: (-len(c), c))  # longest first: memory peaks early
+    # Longest first (memory peaks early), by context plus its longest continuation: both
+    # passes pad to their batch's longest, and continuations can be the longer (PIQA).
+    longest = {c: max(len(pairs[i][1]) for i in members) for c, members in groups.items()}
+    contexts = sorted(groups, key=lambda c: (-(len(c) + longest[c]), c))
     scores = [0.0] * len(pairs)
     batches = [contexts[i : i + batch_size] for i in range(0, len(contexts), batch_size)]
     bar = tqdm(total=len(pairs), desc="score", disable=not progress)
@@ -136,30 +142,55 @@ def _score_batch(
         scores[i] = float(first[g, pairs[i][1][0]])
 
     # 2. Every continuation longer than one token, against its context's cache: it reads its
-    # tokens but the last, which predict its tokens from the second on.
-    longer = [(g, i) for g, i in rows if len(pairs[i][1]) > 1]
-    if not longer:
-        return
-    cont_width = max(len(pairs[i][1]) - 1 for _, i in longer)
-    c_ids = torch.full((len(longer), cont_width), pad, dtype=torch.long)
-    c_mask = torch.zeros((len(longer), cont_width), dtype=torch.long)
-    for r, (_, i) in enumerate(longer):
-        tokens = pairs[i][1][:-1]
-        c_ids[r, : len(tokens)] = torch.tensor(tokens)
-        c_mask[r, : len(tokens)] = 1
-    owner = torch.tensor([g for g, _ in longer], device=device)
-    cache = out[cache_name]
-    cache.reorder_cache(owner)  # one copy of its context's keys and values per continuation
+    # tokens but the last, which predict its tokens from the second on. Longest first, in
+    # chunks of `len(contexts)` rows, so one long option does not pad all the others.
+    longer = sorted(
+        ((g, i) for g, i in rows if len(pairs[i][1]) > 1), key=lambda gi: -len(pairs[gi[1]][1])
+    )
+    chunks = [longer[k : k + len(contexts)] for k in range(0, len(longer), len(contexts))]
     lengths = torch.tensor([len(c) for c in contexts], device=device)
-    c_positions = lengths[owner, None] + torch.arange(cont_width, device=device)  # (R, W)
+    cache = out[cache_name]
+    for n, chunk in enumerate(chunks):
+        # one copy of its context's keys and values per continuation (the last chunk may
+        # reorder the cache itself)
+        view = cache if n == len(chunks) - 1 else copy.deepcopy(cache)
+        _score_continuations(
+            model, chunk, pairs, scores, pad, device, cache_name, view, mask, lengths
+        )
+
+
+def _score_continuations(
+    model: torch.nn.Module,
+    chunk: Sequence[tuple[int, int]],
+    pairs: Sequence[Pair],
+    scores: list[float],
+    pad: int,
+    device: torch.device,
+    cache_name: str,
+    cache: Any,
+    mask: torch.Tensor,
+    lengths: torch.Tensor,
+) -> None:
+    counts = [len(pairs[i][1]) - 1 for _, i in chunk]  # tokens each continuation reads
+    width = max(counts)
+    c_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    c_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for r, (_, i) in enumerate(chunk):
+        c_ids[r, : counts[r]] = torch.tensor(pairs[i][1][:-1])
+        c_mask[r, : counts[r]] = 1
+    owner = torch.tensor([g for g, _ in chunk], device=device)
+    cache.reorder_cache(owner)
+    positions = lengths[owner, None] + torch.arange(width, device=device)  # (R, W)
     logits = model(
         input_ids=c_ids.to(device),
         attention_mask=torch.cat([mask[owner], c_mask.to(device)], dim=1),
-        position_ids=c_positions,
+        position_ids=positions,
         use_cache=True,
         **{cache_name: cache},
-    ).logits
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (R, W, V)
-    for r, (_, i) in enumerate(longer):
-        target = torch.tensor(pairs[i][1][1:], device=device)
-        scores[i] += float(logp[r, : len(target)].gather(1, target[:, None]).sum())
+    ).logits  # (R, W, V)
+    # log p(target) = logit - logsumexp, on the real positions only (no (R, W, V) log-softmax)
+    rows = torch.cat([logits[r, :n] for r, n in enumerate(counts)]).float()  # (K, V)
+    target = torch.tensor([t for _, i in chunk for t in pairs[i][1][1:]], device=device)
+    logp = rows.gather(1, target[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)  # (K,)
+    for (_, i), part in zip(chunk, logp.split(counts), strict=True):
+        scores[i] += float(part.sum())
