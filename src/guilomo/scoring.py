@@ -59,7 +59,7 @@ def pad_id(tokenizer: Any) -> int:
     return int(pad)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -92,7 +92,7 @@ def loglikelihoods(
     `batch_size` counts contexts per pass; their continuations (all options) go in one
     second pass. The model is used as it is (call `.eval()` first).
     """
-    device = _device(model)
+    device = model_device(model)
     names = _forward_names(model)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(pairs):

@@ -34,7 +34,7 @@ from ..artifacts import ArtifactWriter, read_artifact
 from ..data.formulations import LETTERS, Formulation, scored_pairs
 from ..data.prepared import dataset_info, read_split
 from ..evalstats import summarise, wilson_interval
-from ..scoring import encode, encode_pair, loglikelihoods, pad_id
+from ..scoring import encode, encode_pair, loglikelihoods, model_device, pad_id
 
 __all__ = [
     "ANSWER_PATTERN",
@@ -70,8 +70,8 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(
         default=16,
         ge=1,
-        description="Prompts per forward pass: questions (rc, mc: all their options go in one "
-        "second pass) or generations.",
+        description="Prompts per forward pass: questions (rc, mc: their options then run, as "
+        "many per pass, against the questions' cached context) or generations.",
     )
     limit: int | None = Field(
         default=None, ge=1, description="Evaluate only the first N records of the split."
@@ -151,13 +151,6 @@ def _left_pad(seqs: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.
     return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _generate(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -171,7 +164,7 @@ def _generate(
     pad = pad_id(tokenizer)
     eos = set(_eos_ids(model, tokenizer))
     kwargs = generation_kwargs(model, tokenizer, config.max_new_tokens)
-    device = _device(model)
+    device = model_device(model)
     # Longest first: similar lengths share a batch (less padding), and memory peaks early.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
