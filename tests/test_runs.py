@@ -206,6 +206,13 @@ def test_run_rerun_and_lineage_tracked_on_a_real_mlflow_server(tmp_path, tiny, s
         for f in client.list_artifacts(kids[stage].info.run_id, "plots")
     }
     assert {"plots/allocation_experts.png", "plots/sft_loss.png", "plots/expert_load.png"} <= plots
+    for stage in ("evaluate", "evaluate-base"):  # the run names the formulation it scored
+        ev = kids[stage].data
+        report_uri = ev.tags["guilomo.output.report"]
+        report = json.loads((Path(report_uri) / "report.json").read_text())
+        assert ev.tags["guilomo.formulation"] == report["formulation"] == "rc"
+        assert ev.metrics["accuracy_ci95_low"] == report["ci95"][0]
+        assert ev.metrics["total"] == report["total"] == 8
 
     # rerun sft: only sft and evaluate are computed again, on the old allocation
     r = guilomo("rerun", "sft", "--from", first, "--root", tmp_path, "sft.lr=5e-4", env=env)
@@ -223,6 +230,7 @@ def test_run_rerun_and_lineage_tracked_on_a_real_mlflow_server(tmp_path, tiny, s
     assert new_report in r.stdout and alloc_uri in r.stdout
     assert read_artifact(Path(dataset_uri)).digest in r.stdout
     assert f"accuracy {again['evaluate'].data.metrics['accuracy']:.4f}" in r.stdout
+    assert "on 8 questions, rc" in r.stdout
 
 
 @pytest.mark.slow
