@@ -1,5 +1,6 @@
 """Allocation extraction from GSVs, parameter budgets, and the reference's JSON files."""
 
+import functools
 import json
 
 import pytest
@@ -25,7 +26,7 @@ def test_extract_by_argmax_with_top_k_floor():
         ),
         "b.q_proj": (onehot(4, 0), torch.stack([onehot(3, 1)] * 4)),  # argmax 0 -> floor at top_k
     }
-    alloc = extract_allocation(gsvs, base_model="m", top_k=2, shapes=SHAPES)
+    alloc = extract_allocation(gsvs, base_model="m", top_k=2, shapes=SHAPES, estimator="reference")
     assert alloc.modules["a.q_proj"].experts == 3
     assert alloc.modules["a.q_proj"].ranks == [1, 3, 2]
     assert alloc.modules["b.q_proj"].experts == 2 and alloc.modules["b.q_proj"].ranks == [2, 2]
@@ -37,17 +38,41 @@ def test_budget_drops_smallest_values_first():
     g_e = torch.tensor([0.0, 0.0, 2.0])  # 3 experts, sigmoid values .5 .5 .88
     g_r = torch.tensor([[0.0, 5.0], [0.0, 4.0], [-1.0, 1.0]])  # ranks 2, 2, 2
     gsvs = {"a.q_proj": (g_e, g_r)}
-    full = extract_allocation(gsvs, base_model="m", top_k=1, shapes=SHAPES)
+    extract = functools.partial(extract_allocation, estimator="reference")
+    full = extract(gsvs, base_model="m", top_k=1, shapes=SHAPES)
     assert full.modules["a.q_proj"].ranks == [2, 2, 2]
     size = allocation_parameters(full, SHAPES)
     # one step down: the candidates are expert 3 (s=.88), and rank 2 of experts 1..3
     # (s = sigmoid(5), sigmoid(4), sigmoid(1) = .73): expert 3's rank drops first
-    cut = extract_allocation(gsvs, base_model="m", top_k=1, shapes=SHAPES, budget=size - 1)
+    cut = extract(gsvs, base_model="m", top_k=1, shapes=SHAPES, budget=size - 1)
     assert cut.modules["a.q_proj"].ranks == [2, 2, 1]
     # further: then expert 3 itself (s=.88) before the ranks of experts 1, 2 (s=.98, .99)
-    cut2 = extract_allocation(gsvs, base_model="m", top_k=1, shapes=SHAPES, budget=size - 17)
+    cut2 = extract(gsvs, base_model="m", top_k=1, shapes=SHAPES, budget=size - 17)
     assert cut2.modules["a.q_proj"].experts == 2 and cut2.modules["a.q_proj"].ranks == [2, 2]
     assert allocation_parameters(cut2, SHAPES) <= size - 17
+
+
+def test_budget_drops_least_likely_choice_first_expected():
+    """expected (tau 1): P(n >= 3) = e^2 / (2 + e^2) = .79 is below every rank's
+    P(r_j >= 2) = sigmoid(5), sigmoid(4), sigmoid(2) = .99, .98, .88: expert 3 goes first."""
+    g_e = torch.tensor([0.0, 0.0, 2.0])
+    g_r = torch.tensor([[0.0, 5.0], [0.0, 4.0], [-1.0, 1.0]])
+    gsvs = {"a.q_proj": (g_e, g_r)}
+    full = extract_allocation(gsvs, base_model="m", top_k=1, shapes=SHAPES, tau=1.0)
+    assert full.modules["a.q_proj"].experts == 3 and full.modules["a.q_proj"].ranks == [2, 2, 2]
+    size = allocation_parameters(full, SHAPES)
+    cut = extract_allocation(gsvs, base_model="m", top_k=1, shapes=SHAPES, tau=1.0, budget=size - 1)
+    assert cut.modules["a.q_proj"].experts == 2 and cut.modules["a.q_proj"].ranks == [2, 2]
+    # candidates are expert 2 (P(n >= 2) = (1 + e^2) / (2 + e^2) = .89) and ranks .99, .98
+    cut2 = extract_allocation(
+        gsvs,
+        base_model="m",
+        top_k=1,
+        shapes=SHAPES,
+        tau=1.0,
+        budget=allocation_parameters(cut, SHAPES) - 1,
+    )
+    assert cut2.modules["a.q_proj"].experts == 1 and cut2.modules["a.q_proj"].ranks == [2]
 
 
 def test_budget_below_minimum_is_refused():

@@ -99,3 +99,39 @@ def test_layer_benchmark_matmuls_backward_equals_autograd():
     want = grads(lambda: x @ w0.t() + ((x @ c.t())[:, :rank] * gate) @ b.t())
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.slow
+def test_allocation_quality_tiny_runs_then_reuses_every_cell(tmp_path):
+    """benchmarks/allocation_quality.py --tiny end to end, then again on the same --root:
+    the second run finds every cell (preprocess, search, allocate, sft, evaluate) cached."""
+    import re
+
+    done = re.compile(r"^\[\d+/\d+\] .+ \.\.\. (cached|\d+ s)$")
+
+    def run():
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "allocation_quality.py"),
+                "--tiny",
+                "--root",
+                str(tmp_path / "aq"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert r.returncode == 0, r.stderr
+        last = json.loads(r.stdout.strip().splitlines()[-1])
+        assert {"cells", "summary", "goal_met"} <= set(last)
+        assert "| searched |" in r.stdout  # the Markdown table
+        return last, [line for line in r.stderr.splitlines() if done.match(line)]
+
+    first, lines1 = run()
+    assert {c["allocation"] for c in first["cells"]} == {"uniform", "2468", "8642", "searched"}
+    assert lines1 and not any(line.endswith("cached") for line in lines1)
+    second, lines2 = run()
+    assert len(lines2) == len(lines1)
+    assert all(line.endswith("... cached") for line in lines2), lines2
+    assert second["cells"] == first["cells"] and second["summary"] == first["summary"]

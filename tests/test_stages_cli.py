@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_llama, tiny_tokenizer
 from guilomo.artifacts import read_artifact
+from guilomo.stages.search import read_state
 
 GUILOMO = str(Path(sys.executable).parent / "guilomo")
 
@@ -154,7 +155,7 @@ def test_search_then_allocate_with_budget(world, tmp_path):
         "--quiet",
     )
     m = read_artifact(tmp_path / "search", kind="SearchState")
-    assert "plots/gsv_experts.png" in m.files
+    assert {"plots/search_capacity.png", "plots/search_final.png"} <= set(m.files)
     r = guilomo("stage", "allocate", "--out", tmp_path / "alloc", "--search", tmp_path / "search")
     assert "trainable parameters" in r.stdout
     r = guilomo(
@@ -170,6 +171,25 @@ def test_search_then_allocate_with_budget(world, tmp_path):
     )
     assert r.returncode == 2 and "smaller than the minimal allocation" in r.stderr
     assert not (tmp_path / "small").exists()
+    # --budget-like: the parameters of one rank-2 expert (plain LoRA, no router) everywhere
+    doc, _ = read_state(tmp_path / "search")
+    like = sum(2 * (d_in + d_out) for d_in, d_out in doc["shapes"].values())
+    guilomo(
+        "stage",
+        "allocate",
+        "--out",
+        tmp_path / "like",
+        "--search",
+        tmp_path / "search",
+        "--budget-like",
+        "uniform:1x2",
+    )
+    meta = read_artifact(tmp_path / "like", kind="Allocation").metadata
+    assert meta["trainable_parameters"] <= like
+
+
+SEARCH = ["stage", "search", "--dataset", "{data}", "--base-model", "{base}", "--steps", "3"]
+SEARCH += ["--max-experts", "2", "--max-rank", "2", "--top-k", "1", "--quiet"]
 
 
 @pytest.mark.parametrize(
@@ -194,6 +214,16 @@ def test_search_then_allocate_with_budget(world, tmp_path):
             ["stage", "allocate", "--preset", "2468", "--base-model", "{base}", "--top-k", "0"],
             "top_k",
         ),
+        (
+            SEARCH + ["--estimator", "gumbel"],
+            "argument --estimator: invalid choice: 'gumbel'",
+        ),
+        (SEARCH + ["--tau", "0"], "tau: Input should be greater than 0"),
+        (SEARCH + ["--target-params", "10"], "target_params (--target-params) 10 is outside"),
+        (SEARCH + ["--target-params", "10000000000"], "is outside what this search can select"),
+        (SEARCH + ["--target-like", "1357"], "use uniform:E, uniform:ExR, 2468"),
+        (SEARCH + ["--target-like", "2468", "--estimator", "reference"], "needs estimator"),
+        (SEARCH + ["--warmup-steps", "3"], "never leave its warm-up"),
     ],
 )
 def test_bad_input_exits_2_without_artifact(world, tmp_path, args, message):

@@ -1,48 +1,113 @@
-"""GuidedSelection vectors (GSVs): learnable prefix selectors for expert counts and ranks.
+"""GuidedSelection vectors (GSVs): learnable selectors of each module's expert count and ranks.
 
-Per module, an expert GSV g_E (N_max,) and, per expert j, a rank GSV g_R,j (R_max,).
-Each selects a prefix: with s = sigmoid(g), n = argmax(s) + 1 (experts: at least top_k);
-the mask is m_t = 1 for t < n, else 0. The argmax has no gradient, so the method's
-straight-through rule sends the whole gradient to the argmax index i*:
+Per module, an expert GSV g_E (N_max,) and, per expert j, a rank GSV g_R,j (R_max,). Two
+estimators read them (ALGORITHM.md sections 3 and 3b):
+
+``expected`` (the default). Each GSV holds the logits of a categorical distribution over a
+count: p_R,j = softmax(g_R,j / tau) over ranks 1..R_max, p_E = softmax(g_E / tau) over
+expert counts 1..N_max with the mass of counts below top_k folded into top_k (q_n). The
+layer uses expectations, so plain autograd differentiates them:
+
+- rank gate m_j,t = P(r_j >= t) = sum_{r >= t} p_R,j,r, in place of the 0/1 mask (the layer
+  is linear in it: the output is the expected output over r);
+- routing weights sum_n q_n TopK_k(softmax of the router logits over experts 1..n), the
+  expectation over the count (see `Router.forward`'s `count_probs`).
+
+``reference`` (the paper's code, for users who want its behaviour). With s = sigmoid(g) and
+n = argmax(s) + 1 (experts: at least top_k), the expert mask is *added* to the router logits
+(+0.5 for the first n experts, -1e4 beyond) and the rank mask scales rank components by 1
+(first r) or 1e-4 (beyond). Their backward is the straight-through rule: the whole gradient
+goes to the argmax index i*,
 
     dL/ds_i* = sum_{t < n} dL/dm_t * s_t          (prefix sum weighted by s)
 
-and then through the sigmoid. Rank GSVs also leak 1e-4 * dL/dm_i to every other index.
-(ALGORITHM.md section 3.)
+then through the sigmoid; rank GSVs also leak 1e-4 * dL/dm_i to every other index.
+
+Extraction takes the mode of each distribution (`choice`); for ``expected`` that is the mode
+of q (folded) and the argmax of each g_R,j, for ``reference`` the argmax of sigmoid(g).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
-RANK_LEAK = 1e-4
+Estimator = Literal["expected", "reference"]
+ESTIMATORS: tuple[str, ...] = ("expected", "reference")
+
+RANK_LEAK = 1e-4  # reference: the gradient leak to other rank indices, and the "off" scale
+EXPERT_ON, EXPERT_OFF = 0.5, -1e4  # reference: added to the router logits
+REFERENCE_INIT_STD = 0.02  # reference: A and B ~ N(0, 0.02) in the search stage
 
 
 class PrefixMask(torch.autograd.Function):
-    """(..., N) logits -> (..., N) 0/1 prefix mask with the GuiLoMo straight-through gradient."""
+    """(..., N) logits -> (..., N) prefix mask, `on` for the first n, `off` beyond, with the
+    GuiLoMo straight-through gradient (n = max(min_n, argmax(sigmoid(g)) + 1))."""
 
     @staticmethod
-    def forward(ctx, g: torch.Tensor, min_n: int, leak: float) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, g, min_n, leak, on, off):  # noqa: ANN001
         s = torch.sigmoid(g)
         idx = s.argmax(dim=-1, keepdim=True)  # (..., 1)
         n = (idx + 1).clamp_min(min_n)  # (..., 1)
         positions = torch.arange(g.shape[-1], device=g.device)
-        mask = (positions < n).to(g.dtype)  # (..., N)
-        ctx.save_for_backward(s, idx, mask)
+        active = positions < n  # (..., N)
+        ctx.save_for_backward(s, idx, active)
         ctx.leak = leak
-        return mask
+        return torch.where(active, on, off).to(g.dtype)
 
     @staticmethod
-    def backward(ctx, grad_mask: torch.Tensor):  # noqa: ANN001
-        s, idx, mask = ctx.saved_tensors
-        prefix = (grad_mask * s * mask).sum(dim=-1, keepdim=True)  # (..., 1)
+    def backward(ctx, grad_mask):  # noqa: ANN001
+        s, idx, active = ctx.saved_tensors
+        prefix = (grad_mask * s * active).sum(dim=-1, keepdim=True)  # (..., 1)
         grad_s = (ctx.leak * grad_mask).scatter(-1, idx, prefix)  # whole sum to argmax index
-        return grad_s * s * (1 - s), None, None
+        return grad_s * s * (1 - s), None, None, None, None
 
 
-def prefix_mask(g: torch.Tensor, min_n: int = 1, leak: float = 0.0) -> torch.Tensor:
-    return PrefixMask.apply(g, min_n, leak)
+def prefix_mask(
+    g: torch.Tensor, min_n: int = 1, leak: float = 0.0, on: float = 1.0, off: float = 0.0
+) -> torch.Tensor:
+    return PrefixMask.apply(g, min_n, leak, on, off)
+
+
+def fold_counts(p: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(..., N) distribution over counts 1..N -> the same with the mass of counts below
+    top_k moved onto top_k (a module never has fewer experts than a token uses)."""
+    if top_k <= 1:
+        return p
+    low = p[..., :top_k].sum(dim=-1, keepdim=True)
+    return torch.cat([torch.zeros_like(p[..., : top_k - 1]), low, p[..., top_k:]], dim=-1)
+
+
+def at_least(p: torch.Tensor) -> torch.Tensor:
+    """(..., N) distribution over counts 1..N -> (..., N) P(count >= t) for t = 1..N."""
+    return p.flip(-1).cumsum(-1).flip(-1)
+
+
+def count_distributions(
+    expert: torch.Tensor, rank: torch.Tensor, *, top_k: int, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSVs (..., N) and (..., N, R) -> q over expert counts (..., N) and p over each
+    expert's rank (..., N, R) (the ``expected`` estimator's reading)."""
+    q = fold_counts(torch.softmax(expert / tau, dim=-1), top_k)
+    return q, torch.softmax(rank / tau, dim=-1)
+
+
+def expected_choice(
+    expert: torch.Tensor, rank: torch.Tensor, *, top_k: int, tau: float, estimator: Estimator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expected expert count (...,) and the expected rank per expert (..., N) under the
+    estimator's distribution; for ``reference`` (a point choice) its counts as floats.
+    Works on stacked GSVs, e.g. a search's history (steps, modules, N)."""
+    if estimator == "reference":
+        n = (torch.sigmoid(expert).argmax(-1) + 1).clamp_min(top_k)
+        r = torch.sigmoid(rank).argmax(-1) + 1
+        return n.to(expert.dtype), r.to(rank.dtype)
+    q, p = count_distributions(expert, rank, top_k=top_k, tau=tau)
+    counts = torch.arange(1, expert.shape[-1] + 1, dtype=q.dtype, device=q.device)
+    ranks = torch.arange(1, rank.shape[-1] + 1, dtype=p.dtype, device=p.device)
+    return (q * counts).sum(-1), (p * ranks).sum(-1)
 
 
 class ModuleGsv(nn.Module):
@@ -54,29 +119,74 @@ class ModuleGsv(nn.Module):
         max_experts: int,
         max_rank: int,
         top_k: int,
+        estimator: Estimator = "expected",
+        tau: float = 0.1,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if top_k > max_experts:
             raise ValueError(f"top_k ({top_k}) is larger than max_experts ({max_experts})")
-        self.top_k = top_k
-        # The method's initialisation: softmax of a standard normal draw.
-        self.expert = nn.Parameter(torch.randn(max_experts, generator=generator).softmax(-1))
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
+        if not tau > 0:
+            raise ValueError(f"tau ({tau}) must be > 0")
+        self.top_k, self.estimator, self.tau = top_k, estimator, tau
+        # The method's initialisation: softmax of a standard normal draw. The expected
+        # estimator starts the expert GSV flat (every count equally likely), so that every
+        # expert gets routed tokens and trains before the count is decided: from a peaked
+        # start, experts past the mode get almost no weight and the count cannot grow.
+        expert = torch.randn(max_experts, generator=generator).softmax(-1)
+        if estimator == "expected":
+            expert = torch.zeros(max_experts)
+        self.expert = nn.Parameter(expert)
         self.rank = nn.Parameter(
             torch.randn(max_experts, max_rank, generator=generator).softmax(-1)
         )
 
-    def expert_mask(self) -> torch.Tensor:
-        """(N_max,) 0/1: the first max(top_k, argmax+1) experts are active."""
-        return prefix_mask(self.expert, self.top_k)
+    # -- what the layer uses -------------------------------------------------------------
+    def count_probs(self) -> torch.Tensor:
+        """``expected``: (N_max,) q_n, the probability that the module has n experts."""
+        return count_distributions(self.expert, self.rank, top_k=self.top_k, tau=self.tau)[0]
 
-    def rank_mask(self) -> torch.Tensor:
-        """(N_max, R_max) 0/1: expert j keeps its first argmax(g_R,j)+1 rank components."""
-        return prefix_mask(self.rank, 1, RANK_LEAK)
+    def logit_mask(self) -> torch.Tensor:
+        """``reference``: (N_max,) +0.5 for the first max(top_k, argmax+1) experts, -1e4
+        beyond, added to the router logits, with the straight-through gradient."""
+        return prefix_mask(self.expert, self.top_k, 0.0, EXPERT_ON, EXPERT_OFF)
+
+    def rank_gates(self) -> torch.Tensor:
+        """(N_max, R_max) per-rank-component gates: P(r_j >= t) (``expected``), or 1 for the
+        first argmax+1 components and 1e-4 beyond (``reference``)."""
+        if self.estimator == "reference":
+            return prefix_mask(self.rank, 1, RANK_LEAK, 1.0, RANK_LEAK)
+        return at_least(torch.softmax(self.rank / self.tau, dim=-1))
+
+    # -- what the search reads -----------------------------------------------------------
+    def expected_parameters(self, d_in: int, d_out: int) -> torch.Tensor:
+        """E[trainable parameters] of the module (``expected``): sum_j P(n >= j) *
+        (d_in + d_out) * E[r_j], plus the router's d_in per expert when n > 1."""
+        q = self.count_probs()
+        keep = at_least(q)  # (N,) P(n >= j)
+        rank_mass = self.rank_gates().sum(-1)  # (N,) E[r_j]
+        counts = torch.arange(1, q.shape[0] + 1, dtype=q.dtype, device=q.device)
+        router = (q * counts).sum() - q[0]  # E[n * 1(n > 1)]
+        return (d_in + d_out) * (keep * rank_mass).sum() + d_in * router
 
     @torch.no_grad()
     def choice(self) -> tuple[int, list[int]]:
-        """(experts, ranks of the active experts) this GSV selects now."""
-        n = max(self.top_k, int(self.expert.argmax()) + 1)
-        ranks = (self.rank.argmax(dim=-1) + 1)[:n].tolist()
-        return n, ranks
+        """(experts, ranks of the active experts) this GSV selects now: each mode."""
+        return choose(
+            self.expert, self.rank, top_k=self.top_k, estimator=self.estimator, tau=self.tau
+        )
+
+
+def choose(
+    expert: torch.Tensor, rank: torch.Tensor, *, top_k: int, estimator: Estimator, tau: float
+) -> tuple[int, list[int]]:
+    """The mode of each distribution: experts = the most likely count of q (``expected``,
+    counts below top_k folded into top_k) or max(top_k, argmax + 1) (``reference``);
+    rank_j = argmax g_R,j + 1 (softmax and sigmoid keep the argmax)."""
+    if estimator == "expected":
+        n = int(fold_counts(torch.softmax(expert.double() / tau, -1), top_k).argmax()) + 1
+    else:
+        n = max(top_k, int(expert.argmax()) + 1)
+    return n, (rank.argmax(dim=-1) + 1)[:n].tolist()

@@ -247,8 +247,12 @@ class _MoeBase(nn.Module):
         if self.router is None:
             return None
         mask = self.state.token_mask(lead) if self.state is not None else None
-        experts = self.gsv.expert_mask() if self.gsv is not None else None
-        routing = self.router(h, token_mask=mask, expert_mask=experts, logits=logits)
+        gsv = {}
+        if self.gsv is not None and self.gsv.estimator == "reference":
+            gsv["logit_mask"] = self.gsv.logit_mask()
+        elif self.gsv is not None:
+            gsv["count_probs"] = self.gsv.count_probs()
+        routing = self.router(h, token_mask=mask, logits=logits, **gsv)
         if self.state is not None:
             self.state.record(self.name, routing, mask, lead)
         return routing.weights
@@ -317,8 +321,8 @@ class LoraMoeLinear(_MoeBase):
         lead = tuple(x.shape[:-1])
         h = x.reshape(-1, self.in_features)  # (N, d_in)
         base_out = None  # (N, d_out) when the shared-input function computed it
-        # search mode: (R,) 0/1 gates that switch off rank components past each expert's choice
-        ranks = self.gsv.rank_mask().flatten() if self.gsv is not None else None
+        # search mode: (R,) gates of the rank components (see guilomo.moe.gsv)
+        ranks = self.gsv.rank_gates().flatten() if self.gsv is not None else None
         if self.expert_impl == "eager":
             result = self.base_layer(x)
             weights = self._route(h, lead)  # (N, E) or None

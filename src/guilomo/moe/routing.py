@@ -116,14 +116,19 @@ class Router(nn.Module):
         x: torch.Tensor,
         *,
         token_mask: torch.Tensor | None = None,
-        expert_mask: torch.Tensor | None = None,
+        logit_mask: torch.Tensor | None = None,
+        count_probs: torch.Tensor | None = None,
         logits: torch.Tensor | None = None,
     ) -> Routing:
-        """x: (N, d_in). `expert_mask` (E,) 0/1 switches experts off (the search's GSVs).
+        """x: (N, d_in). `logits` (N, E), when the caller computed x @ W_r^T already (see
+        `takes_logits`), skips that matmul. The search's GSVs come in one of two ways:
 
-        Masked experts get no probability: p_i m_i / sum_j p_j m_j, which equals a softmax
-        over the active experts and passes a gradient to the mask. `logits` (N, E), when
-        the caller computed x @ W_r^T already (see `takes_logits`), skips that matmul.
+        - `logit_mask` (E,), added to the logits (the reference estimator: +0.5 for active
+          experts, -1e4 for the others);
+        - `count_probs` (E,) q_n, the probability that the module has n experts (the
+          expected estimator): the weights are sum_n q_n route(softmax over experts 1..n),
+          the expectation over the count; `probs` likewise, `selected` every expert some
+          count selects, `active` E[n].
         """
         cfg = self.config
         if self.jitters():
@@ -133,26 +138,67 @@ class Router(nn.Module):
         if logits is None:
             logits = F.linear(x.to(self.weight.dtype), self.weight)
         logits = logits.to(acc)  # (N, E)
-        probs = logits.softmax(dim=-1)
-        active = None
-        if expert_mask is not None:
-            m = expert_mask.to(acc)
-            probs = probs * m / (probs * m).sum(dim=-1, keepdim=True)
-            logits = logits.masked_fill(m == 0, float("-inf"))  # for the z-loss: active only
-            active = m.sum()
-        if cfg.kind == "topk":
-            weights, selected = topk_route(probs, self.top_k)
-        elif cfg.kind == "switch":
-            weights, selected = switch_route(probs, cfg.capacity_factor, token_mask)
-        elif cfg.kind == "soft":
-            weights, selected = probs, probs > 0
-        elif cfg.kind == "top_p":
-            weights, selected = top_p_route(probs, cfg.top_p)
-        else:  # threshold
-            tau = (
-                self.max_threshold * torch.sigmoid(self.threshold(x.to(self.weight.dtype))).float()
+        if logit_mask is not None:
+            logits = logits + logit_mask.to(acc)
+        if count_probs is None:
+            probs = logits.softmax(dim=-1)
+            weights, selected = self._rule(probs, x, token_mask)
+            # experts the mask does not push to -inf take part (the balance loss's E)
+            active = None if logit_mask is None else (logit_mask >= 0).sum()
+            return Routing(
+                weights=weights, selected=selected, logits=logits, probs=probs, active=active
             )
-            weights, selected = threshold_route(probs, tau)
+        q = count_probs.to(acc)
+        e = logits.shape[1]
+        counts = torch.arange(1, e + 1, dtype=acc, device=q.device)
+        active = (q * counts).sum()
+        if cfg.kind == "topk":  # every count at once: (M, N, E) for the M counts >= top_k
+            return self._expected_topk(logits, q, active)
+        weights = probs = selected = None
+        for n in range(self.top_k, e + 1):  # q_n = 0 below top_k
+            p_n = logits[:, :n].softmax(dim=-1)
+            if n < e:
+                p_n = F.pad(p_n, (0, e - n))
+            w_n, s_n = self._rule(p_n, x, token_mask)
+            weights = q[n - 1] * w_n if weights is None else weights + q[n - 1] * w_n
+            probs = q[n - 1] * p_n if probs is None else probs + q[n - 1] * p_n
+            selected = s_n if selected is None else selected | s_n
         return Routing(
             weights=weights, selected=selected, logits=logits, probs=probs, active=active
         )
+
+    def _expected_topk(
+        self, logits: torch.Tensor, q: torch.Tensor, active: torch.Tensor
+    ) -> Routing:
+        """sum_n q_n TopK(softmax over experts 1..n), n = top_k..E, in one batched pass."""
+        k, e = self.top_k, logits.shape[1]
+        counts = torch.arange(k, e + 1, device=logits.device)  # (M,)
+        beyond = torch.arange(e, device=logits.device)[None, :] >= counts[:, None]  # (M, E)
+        p = logits[None].masked_fill(beyond[:, None, :], float("-inf")).softmax(-1)  # (M, N, E)
+        top_p, top_i = p.topk(k, dim=-1)  # (M, N, k)
+        if k == 1:
+            top_p = torch.ones_like(top_p)  # see topk_route
+        else:
+            top_p = top_p / top_p.sum(-1, keepdim=True)
+        qm = q[counts - 1][:, None, None]  # (M, 1, 1)
+        weights = torch.zeros_like(p).scatter(-1, top_i, top_p * qm).sum(0)  # (N, E)
+        chosen = torch.zeros_like(p, dtype=torch.bool).scatter(-1, top_i, True).any(0)
+        return Routing(
+            weights=weights, selected=chosen, logits=logits, probs=(p * qm).sum(0), active=active
+        )
+
+    def _rule(
+        self, probs: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        if cfg.kind == "topk":
+            return topk_route(probs, self.top_k)
+        if cfg.kind == "switch":
+            return switch_route(probs, cfg.capacity_factor, token_mask)
+        if cfg.kind == "soft":
+            return probs, probs > 0
+        if cfg.kind == "top_p":
+            return top_p_route(probs, cfg.top_p)
+        # threshold
+        tau = self.max_threshold * torch.sigmoid(self.threshold(x.to(self.weight.dtype))).float()
+        return threshold_route(probs, tau)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import Allocation, ModuleAllocation, MoeConfig, Placement, build_allocation
-from .gsv import ModuleGsv
+from .gsv import REFERENCE_INIT_STD, Estimator, ModuleGsv, at_least, choose, count_distributions
 from .layer import LoraMoeLinear
 from .model import AdapterError, MoeAdapter, inject_adapter
 
@@ -30,9 +30,14 @@ def inject_search(
     placement: Placement = "all",
     targets: Sequence[str] | None = None,
     seed: int = 0,
+    estimator: Estimator = "expected",
+    tau: float = 0.1,
     **config: object,
 ) -> MoeAdapter:
-    """Inject a search-mode LoRA-MoE (N_max experts of rank R_max everywhere) with GSVs."""
+    """Inject a search-mode LoRA-MoE (N_max experts of rank R_max everywhere) with GSVs.
+
+    With ``estimator="reference"`` the LoRA A and B start N(0, 0.02), as in the reference
+    code's search stage; otherwise as in SFT (A kaiming-uniform, B zero)."""
     if placement == "mixlora":
         raise ValueError("the GSV search supports placements 'all' and 'mlp', not 'mixlora'")
     alloc = build_allocation(
@@ -49,9 +54,27 @@ def inject_search(
     gen = torch.Generator().manual_seed(seed)
     for layer in adapter.layers.values():
         layer.gsv = ModuleGsv(
-            max_experts=max_experts, max_rank=max_rank, top_k=top_k, generator=gen
+            max_experts=max_experts,
+            max_rank=max_rank,
+            top_k=top_k,
+            estimator=estimator,
+            tau=tau,
+            generator=gen,
         )
+        if estimator == "reference":
+            with torch.no_grad():
+                for p in (layer.lora_A, layer.lora_B):
+                    p.copy_(torch.randn(p.shape, generator=gen) * REFERENCE_INIT_STD)
     return adapter
+
+
+def expected_parameters(adapter: MoeAdapter) -> torch.Tensor:
+    """E[trainable parameters] of the allocation the GSVs describe (``expected`` estimator),
+    differentiable in the GSVs."""
+    return sum(
+        layer.gsv.expected_parameters(layer.in_features, layer.out_features)
+        for layer in adapter.layers.values()
+    )
 
 
 def gsv_parameters(adapter: MoeAdapter) -> dict[str, nn.Parameter]:
@@ -90,6 +113,53 @@ def allocation_parameters(alloc: Allocation, shapes: Mapping[str, tuple[int, int
     return sum(module_parameters(shapes[n], m.experts, m.ranks) for n, m in alloc.modules.items())
 
 
+def size_range(
+    shapes: Mapping[str, tuple[int, int]], *, top_k: int, max_experts: int, max_rank: int
+) -> tuple[int, int]:
+    """(smallest, largest) trainable parameters a search over `shapes` can select: top_k
+    experts of rank 1 everywhere, N_max experts of rank R_max everywhere."""
+    low = sum(module_parameters(s, top_k, [1] * top_k) for s in shapes.values())
+    high = sum(module_parameters(s, max_experts, [max_rank] * max_experts) for s in shapes.values())
+    return low, high
+
+
+PRESET_SPEC = "uniform:E, uniform:ExR, 2468, 8642, 2468xR or 8642xR (R: rank, default 8)"
+
+
+def preset_parameters(
+    spec: str, shapes: Mapping[str, tuple[int, int]], *, top_k: int, placement: Placement = "all"
+) -> int:
+    """Trainable parameters of a MoLA preset on the modules of `shapes`, e.g. ``uniform:8``
+    (8 experts of rank 8 everywhere), ``uniform:5x4`` or ``2468`` (MoLA's, rank 8)."""
+    name, _, size = spec.strip().partition(":")
+    if name == "uniform":
+        experts_text, _, rank_text = size.partition("x")
+    elif name[:4] in ("2468", "8642") and not size:
+        experts_text, rank_text = "4", name[4:].lstrip("x")
+        name = name[:4]
+    else:
+        raise ValueError(f"preset {spec!r}: use {PRESET_SPEC}")
+    try:
+        experts, rank = int(experts_text), int(rank_text or 8)
+    except ValueError:
+        raise ValueError(f"preset {spec!r}: use {PRESET_SPEC}") from None
+    if experts < 1 or rank < 1:
+        raise ValueError(f"preset {spec!r}: experts and rank must be >= 1")
+    alloc = build_allocation(
+        base_model="-",
+        module_names=list(shapes),
+        preset=name,
+        experts=experts,
+        top_k=top_k,
+        rank=rank,
+        placement=placement,
+    )
+    missing = sorted(set(alloc.modules) - set(shapes))
+    if missing:
+        raise ValueError(f"preset {spec!r} adapts modules this search does not: {missing[:3]}")
+    return allocation_parameters(alloc, shapes)
+
+
 def extract_allocation(
     gsvs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     *,
@@ -97,24 +167,29 @@ def extract_allocation(
     top_k: int,
     shapes: Mapping[str, tuple[int, int]],
     budget: int | None = None,
+    estimator: Estimator = "expected",
+    tau: float = 0.1,
 ) -> Allocation:
-    """GSVs -> Allocation: experts = max(top_k, argmax g_E + 1), rank_j = argmax g_R,j + 1.
+    """GSVs -> Allocation: the mode of each distribution (see `guilomo.moe.gsv.choose`).
 
     `gsvs` maps module name -> (expert GSV (N_max,), rank GSVs (N_max, R_max)). With a
-    `budget` (trainable parameters), the choice with the smallest sigmoid value (the last
-    kept expert of a module, or the last kept rank component of an expert) is dropped
-    until the allocation fits; never below top_k experts of rank 1.
+    `budget` (trainable parameters), the least likely choice (the last kept expert of a
+    module, or the last kept rank component of an expert; ``expected``: smallest P(n >= j)
+    or P(r_j >= t), ``reference``: smallest sigmoid value) is dropped until the allocation
+    fits; never below top_k experts of rank 1.
     """
     experts: dict[str, int] = {}
     ranks: dict[str, list[int]] = {}
     s_expert: dict[str, list[float]] = {}
     s_rank: dict[str, list[list[float]]] = {}
     for name, (g_e, g_r) in gsvs.items():
-        n = max(top_k, int(g_e.argmax()) + 1)
-        experts[name] = n
-        ranks[name] = (g_r.argmax(dim=-1) + 1)[:n].tolist()
-        s_expert[name] = torch.sigmoid(g_e.double()).tolist()
-        s_rank[name] = torch.sigmoid(g_r.double()).tolist()
+        experts[name], ranks[name] = choose(g_e, g_r, top_k=top_k, estimator=estimator, tau=tau)
+        if estimator == "expected":
+            q, p = count_distributions(g_e.double(), g_r.double(), top_k=top_k, tau=tau)
+            s_expert[name], s_rank[name] = at_least(q).tolist(), at_least(p).tolist()
+        else:
+            s_expert[name] = torch.sigmoid(g_e.double()).tolist()
+            s_rank[name] = torch.sigmoid(g_r.double()).tolist()
 
     def total() -> int:
         return sum(module_parameters(shapes[n], experts[n], ranks[n]) for n in experts)

@@ -21,7 +21,7 @@ from ..moe.config import (
     build_allocation,
     check_top_k,
 )
-from ..moe.search import allocation_parameters, extract_allocation
+from ..moe.search import allocation_parameters, extract_allocation, preset_parameters
 from ..textfiles import read_text
 
 _PREFIXES = ("base_model.model.",)  # PEFT-style wrapping in the reference's module names
@@ -134,6 +134,9 @@ def allocation_from_state(
             top_k=doc["config"]["top_k"],
             shapes=shapes,
             budget=budget,
+            # states from before the estimator choice used the reference's argmax rule
+            estimator=doc["config"].get("estimator", "reference"),
+            tau=doc["config"].get("tau", 1.0),
         )
     except ValueError as exc:
         raise AllocationInputError(f"{state_dir}: {exc}") from None
@@ -158,6 +161,11 @@ class AllocateConfig(BaseModel):
     rank: int = Field(default=8, ge=1, description="preset: rank of every expert.")
     placement: Placement = Field(default="all", description="preset: all, mlp or mixlora.")
     budget: int | None = Field(default=None, ge=1, description="search: max trainable parameters.")
+    budget_like: str | None = Field(
+        default=None,
+        description="search: the budget is the parameter count of a MoLA preset on the "
+        "searched modules, e.g. uniform:5 (5 experts of rank 8), uniform:8x4, 2468, 8642.",
+    )
 
     @field_validator("preset", mode="before")
     @classmethod
@@ -237,14 +245,29 @@ def run_allocate(
         raise AllocationInputError(
             "give exactly one of --search, --preset or --reference-expert/--reference-rank"
         )
+    if config.budget is not None and config.budget_like is not None:
+        raise AllocationInputError("give --budget or --budget-like, not both")
+    if search is None and (config.budget is not None or config.budget_like is not None):
+        raise AllocationInputError("--budget and --budget-like apply to --search only")
     found: list[str] = []
     if search is not None:
-        read_artifact(search, kind="SearchState")
-        alloc, _ = allocation_from_state(search, budget=config.budget)
         from .search import read_state
 
+        read_artifact(search, kind="SearchState")
         doc, _ = read_state(search)
         shapes = {n: tuple(s) for n, s in doc["shapes"].items()}
+        budget = config.budget
+        if config.budget_like is not None:
+            try:
+                budget = preset_parameters(
+                    config.budget_like,
+                    shapes,
+                    top_k=doc["config"]["top_k"],
+                    placement=doc["config"].get("placement", "all"),
+                )
+            except ValueError as exc:
+                raise AllocationInputError(f"budget_like (--budget-like): {exc}") from None
+        alloc, _ = allocation_from_state(search, budget=budget)
         found = [str(search)]
     else:
         names, linear = model_modules(config.base_model)

@@ -33,7 +33,7 @@ from torch.func import functional_call
 
 from ..distributed import all_reduce_sum, world
 from ..moe.model import MoeAdapter
-from ..moe.search import gsv_parameters, weight_parameters
+from ..moe.search import expected_parameters, gsv_parameters, weight_parameters
 
 Batch = Mapping[str, torch.Tensor]
 Order = Literal["first", "second"]
@@ -76,6 +76,56 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+class SizeControl:
+    """The size term of the upper loss: coef_t * E[params] / P_max.
+
+    Without a target, coef_t = `penalty` ramped linearly from 0 over the first `ramp` share
+    of the steps (full strength from the start collapses needed modules before their
+    weights train). With `target` parameters it is a PI controller on the relative gap
+    between the allocation the GSVs select now (each distribution's mode) and the target:
+    coef_t = multiplier + gain * gap_t, the multiplier (a Lagrange multiplier of params =
+    target) integrating the gap. Positive while the selection is too large, negative (the
+    term then asks for more parameters) while it is too small.
+    """
+
+    def __init__(
+        self,
+        *,
+        p_max: int,
+        penalty: float = 0.1,
+        ramp: float = 0.6,
+        target: int | None = None,
+        gain: float = 1.0,
+        integral: float = 0.05,
+        mode_parameters: Callable[[], int] | None = None,
+    ) -> None:
+        if target is not None and mode_parameters is None:
+            raise ValueError("a parameter target needs mode_parameters")
+        self.p_max, self.penalty, self.ramp = p_max, penalty, ramp
+        self.target, self.gain, self.integral = target, gain, integral
+        self.mode_parameters = mode_parameters
+        self.multiplier = 0.0
+
+    def coefficient(self, step: int, total: int) -> tuple[float, dict]:
+        """This step's coefficient and, with a target, the selection's size."""
+        if self.target is None:
+            return self.penalty * min(1.0, (step + 1) / max(1.0, self.ramp * total)), {}
+        mode = self.mode_parameters()
+        gap = (mode - self.target) / self.target
+        self.multiplier += self.integral * gap
+        return self.multiplier + self.gain * gap, {"mode_params": float(mode)}
+
+    def gradient(self, search: BilevelSearch, alpha: list[torch.Tensor]) -> tuple[list, dict]:
+        coef, info = self.coefficient(search.step_count, search.total_steps)
+        with torch.enable_grad():
+            expected = expected_parameters(search.adapter)
+            grads = torch.autograd.grad(
+                coef * expected / self.p_max, alpha, allow_unused=True, materialize_grads=True
+            )
+        info.update(expected_params=float(expected.detach()), size_coef=float(coef))
+        return list(grads), info
+
+
 class BilevelSearch:
     def __init__(
         self,
@@ -89,8 +139,13 @@ class BilevelSearch:
         gsv_lr: float = 3e-3,
         gsv_betas: tuple[float, float] = (0.5, 0.999),
         fd_scale: float = 0.01,
+        size: SizeControl | None = None,
+        gsv_start: int = 0,
     ) -> None:
         self.model, self.adapter, self.order = model, adapter, order
+        self.size = size  # the E[params] term of the upper loss (expected estimator only)
+        self.gsv_start = gsv_start  # steps of weights only before the GSVs move
+        self.total_steps = total_steps
         self.w = weight_parameters(adapter)
         self.alpha = gsv_parameters(adapter)
         # names as `model.named_parameters()` has them, for functional_call
@@ -103,6 +158,7 @@ class BilevelSearch:
         self.opt_alpha = torch.optim.AdamW(
             self.alpha.values(), lr=gsv_lr, betas=gsv_betas, weight_decay=0.0
         )
+
         self.fd_scale = fd_scale  # eps = fd_scale / ||v|| (the method's 0.01)
         self.step_count = 0
         self.rank, self.world = world()
@@ -176,10 +232,15 @@ class BilevelSearch:
         self.model.train()
         train_part = shard(train, self.rank, self.world)
         g_alpha, info = self._upper(train_part, shard(val, self.rank, self.world))
-        for p, g in zip(self.alpha.values(), g_alpha, strict=True):
-            p.grad = g
-        self.opt_alpha.step()
-        self.opt_alpha.zero_grad(set_to_none=True)
+        if self.size is not None:
+            g_size, size_info = self.size.gradient(self, list(self.alpha.values()))
+            g_alpha = [g + d for g, d in zip(g_alpha, g_size, strict=True)]
+            info.update(size_info)
+        if self.step_count >= self.gsv_start:
+            for p, g in zip(self.alpha.values(), g_alpha, strict=True):
+                p.grad = g
+            self.opt_alpha.step()
+            self.opt_alpha.zero_grad(set_to_none=True)
         if self.order == "first":
             g_w, info["train_loss"] = self.grad(train_part, list(self.w.values()))
         else:

@@ -40,10 +40,16 @@ from tqdm import tqdm
 from ..checkpoint import load_optimizer_state, optimizer_state
 from ..distributed import all_reduce_sum, barrier, step_seed, world
 from ..moe.config import LossConfig, Placement
+from ..moe.gsv import Estimator, fold_counts
 from ..moe.model import MoeAdapter
-from ..moe.search import inject_search, module_shapes
+from ..moe.search import (
+    inject_search,
+    module_shapes,
+    preset_parameters,
+    size_range,
+)
 from ..remote import mirror_checkpoints
-from .bilevel import Batch, BilevelSearch
+from .bilevel import Batch, BilevelSearch, SizeControl
 
 STATE_JSON = "search_state.json"
 STATE_TENSORS = "search_state.safetensors"
@@ -69,13 +75,49 @@ class SearchConfig(BaseModel):
     top_k: int = Field(default=2, ge=1, description="Experts per token; the minimum expert count.")
     placement: Placement = Field(default="all", description="Projections searched: all or mlp.")
     order: Literal["first", "second"] = Field(default="first", description="DARTS order.")
+    estimator: Estimator = Field(
+        default="expected",
+        description="How GSVs become counts: expected (GSVs are logits of distributions over "
+        "counts; the layer uses expectations) or reference (the paper's argmax masks with a "
+        "straight-through gradient, N(0, 0.02) LoRA init).",
+    )
+    tau: float = Field(
+        default=0.1, gt=0, description="expected: softmax temperature of the GSV logits."
+    )
+    size_penalty: float = Field(
+        default=0.01,
+        ge=0,
+        description="expected, no target: weight lambda of E[params] / P_max in the GSV loss.",
+    )
+    penalty_ramp: float = Field(
+        default=0.6,
+        gt=0,
+        le=1,
+        description="Share of the steps over which the size penalty ramps up from 0.",
+    )
+    target_params: int | None = Field(
+        default=None,
+        ge=1,
+        description="expected: steer the search to this many trainable parameters "
+        "(a Lagrange multiplier replaces size_penalty).",
+    )
+    target_like: str | None = Field(
+        default=None,
+        description="expected: target the parameters of a MoLA preset on this model, e.g. "
+        "uniform:5 (5 experts of rank 8), uniform:8x4, 2468, 8642.",
+    )
     steps: int = Field(
         default=100, ge=1, description="Bilevel steps (one train + one val batch each)."
+    )
+    gsv_start: int = Field(
+        default=0, ge=0, description="Steps of LoRA weights only before the GSVs move."
     )
     lora_lr: float = Field(
         default=3e-4, gt=0, description="AdamW LR of the LoRA weights and routers."
     )
-    warmup_steps: int = Field(default=100, ge=0, description="Linear warm-up of the LoRA LR.")
+    warmup_steps: int | None = Field(
+        default=None, ge=0, description="Linear warm-up of the LoRA LR (default: 10% of steps)."
+    )
     gsv_lr: float = Field(default=3e-3, gt=0, description="AdamW LR of the GSVs.")
     gsv_betas: tuple[float, float] = Field(
         default=(0.5, 0.999), description="AdamW betas of the GSVs."
@@ -96,7 +138,32 @@ class SearchConfig(BaseModel):
             )
         if self.placement == "mixlora":
             raise ValueError("placement 'mixlora' cannot be searched: use 'all' or 'mlp'")
+        if self.target_params is not None and self.target_like is not None:
+            raise ValueError("give target_params (--target-params) or target_like, not both")
+        if self.estimator == "reference" and self.targeted:
+            raise ValueError(
+                "a parameter target needs estimator 'expected' (the reference rule has no "
+                "differentiable size); drop --target-params / --target-like or the estimator"
+            )
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) is not below steps ({self.steps}): the "
+                "LoRA learning rate would never leave its warm-up; lower --warmup-steps"
+            )
+        if self.gsv_start >= self.steps:
+            raise ValueError(
+                f"gsv_start ({self.gsv_start}) is not below steps ({self.steps}): the GSVs "
+                "would never move; lower --gsv-start"
+            )
         return self
+
+    @property
+    def targeted(self) -> bool:
+        return self.target_params is not None or self.target_like is not None
+
+    @property
+    def warmup(self) -> int:
+        return self.steps // 10 if self.warmup_steps is None else self.warmup_steps
 
 
 class SearchStateError(ValueError):
@@ -167,22 +234,83 @@ class SearchRun:
             top_k=config.top_k,
             placement=config.placement,
             seed=config.seed,
+            estimator=config.estimator,
+            tau=config.tau,
             lora_dropout=config.lora_dropout,
             losses=LossConfig(balance_coef=config.balance_coef),
         )
+        self.shapes = module_shapes(self.adapter)
+        self.target = self._target()
         self.search = BilevelSearch(
             model,
             self.adapter,
             total_steps=config.steps,
             order=config.order,
             lora_lr=config.lora_lr,
-            warmup_steps=config.warmup_steps,
+            warmup_steps=config.warmup,
             gsv_lr=config.gsv_lr,
             gsv_betas=config.gsv_betas,
+            size=self._size_control(),
+            gsv_start=config.gsv_start,
         )
-        self.shapes = module_shapes(self.adapter)
         self.losses: list[dict[str, float]] = []
         self.history: list[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
+
+    def _target(self) -> int | None:
+        cfg = self.config
+        if not cfg.targeted:
+            return None
+        low, high = size_range(
+            self.shapes, top_k=cfg.top_k, max_experts=cfg.max_experts, max_rank=cfg.max_rank
+        )
+        if cfg.target_like is not None:
+            target = preset_parameters(
+                cfg.target_like, self.shapes, top_k=cfg.top_k, placement=cfg.placement
+            )
+            what = f"target_like {cfg.target_like!r} ({target:,} parameters)"
+        else:
+            target = cfg.target_params
+            what = f"target_params (--target-params) {target:,}"
+        if not low <= target <= high:
+            raise ValueError(
+                f"{what} is outside what this search can select: from {low:,} (top_k = "
+                f"{cfg.top_k} experts of rank 1 in each of {len(self.shapes)} modules) to "
+                f"{high:,} ({cfg.max_experts} experts of rank {cfg.max_rank} everywhere); "
+                "choose a target in that range or change --max-experts / --max-rank"
+            )
+        return target
+
+    def _size_control(self) -> SizeControl | None:
+        cfg = self.config
+        if cfg.estimator != "expected":
+            return None
+        p_max = size_range(
+            self.shapes, top_k=cfg.top_k, max_experts=cfg.max_experts, max_rank=cfg.max_rank
+        )[1]
+        if self.target is None and cfg.size_penalty == 0:
+            return None
+        return SizeControl(
+            p_max=p_max,
+            penalty=cfg.size_penalty,
+            ramp=cfg.penalty_ramp,
+            target=self.target,
+            mode_parameters=self.mode_parameters,
+        )
+
+    @torch.no_grad()
+    def mode_parameters(self) -> int:
+        """Trainable parameters of the allocation the GSVs select now (each mode), with
+        one host sync for all modules (see `guilomo.moe.gsv.choose`)."""
+        total = None
+        for name, layer in self.adapter.layers.items():
+            g = layer.gsv
+            d_in, d_out = self.shapes[name]
+            n = fold_counts(torch.softmax(g.expert / g.tau, -1), g.top_k).argmax() + 1
+            ranks = g.rank.argmax(-1) + 1
+            kept = torch.arange(ranks.shape[0], device=ranks.device) < n
+            size = (d_in + d_out) * (ranks * kept).sum() + d_in * n * (n > 1)
+            total = size if total is None else total + size
+        return int(total)
 
     # -- persistence -------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:
@@ -222,6 +350,10 @@ class SearchRun:
             "opt_w": ow_meta,
             "opt_alpha": oa_meta,
             "scheduler": self.search.sched.state_dict(),
+            "target_params": self.target,
+            "size_multiplier": (
+                self.search.size.multiplier if self.search.size is not None else None
+            ),
         }
         tmp_t, tmp_j = out_dir / (STATE_TENSORS + ".tmp"), out_dir / (STATE_JSON + ".tmp")
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp_t))
@@ -246,6 +378,8 @@ class SearchRun:
         load_optimizer_state("opt_w", self.search.opt_w, tensors, doc["opt_w"])
         load_optimizer_state("opt_alpha", self.search.opt_alpha, tensors, doc["opt_alpha"])
         self.search.sched.load_state_dict(doc["scheduler"])
+        if self.search.size is not None:
+            self.search.size.multiplier = doc.get("size_multiplier") or 0.0
         self.search.step_count = doc["step"]
         self.losses = list(doc["losses"])
         if "history.step" in tensors:
