@@ -22,8 +22,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from guilomo.moe import MoeConfig, build_allocation, inject_adapter
-from guilomo.moe.search import inject_search
-from guilomo.stages.bilevel import BilevelSearch
+from guilomo.moe.search import inject_search, module_shapes, size_range
+from guilomo.stages.bilevel import BilevelSearch, SizeControl
 
 
 def base(args, seed=0):
@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--estimator", choices=["expected", "reference"], default="expected")
     args = p.parse_args()
     torch.set_num_threads(2)
 
@@ -88,9 +89,21 @@ def main() -> None:
     for order in ("first", "second"):
         m = base(args)
         a = inject_search(
-            m, base_model="bench", max_experts=args.experts, max_rank=args.rank, top_k=2, **common
+            m,
+            base_model="bench",
+            max_experts=args.experts,
+            max_rank=args.rank,
+            top_k=2,
+            estimator=args.estimator,
+            **common,
         )
-        searches[order] = BilevelSearch(m, a, total_steps=10_000, order=order)
+        size = None
+        if args.estimator == "expected":  # the stage's default size penalty, as a search has it
+            p_max = size_range(
+                module_shapes(a), top_k=2, max_experts=args.experts, max_rank=args.rank
+            )[1]
+            size = SizeControl(p_max=p_max, penalty=0.01)
+        searches[order] = BilevelSearch(m, a, total_steps=10_000, order=order, size=size)
 
     steps = {
         "sft": sft_step,

@@ -43,6 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
             {"first_order_ratio", "second_order_ratio", "met"},
         ),
         (
+            "search_known_answer.py",
+            ["--seeds", "1", "--steps", "4"],
+            {"estimator", "steps", "ranks", "experts"},
+        ),
+        (
             "evaluate.py",
             ["--tiny", "--sets", "arc_easy", "piqa", "--questions", "3", "--rounds", "1"],
             {"guilomo_s", "harness_s", "ratio", "max_abs_diff", "met"},

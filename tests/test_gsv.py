@@ -288,3 +288,26 @@ def test_expected_routing_for_other_router_kinds_is_the_expectation_too():
     for n in (2, 3, 4):
         want[:, :n] += q[n - 1] * logits[:, :n].softmax(-1)
     torch.testing.assert_close(got.detach(), want)
+
+
+def test_expected_topk_probabilities_are_the_expected_softmax():
+    """The balance loss's probabilities under the expected estimator: sum_n q_n softmax over
+    experts 1..n (and selected: every expert some count's top-k picks)."""
+    from guilomo.moe import RouterConfig
+    from guilomo.moe.routing import Router
+
+    torch.manual_seed(1)
+    router = Router(in_features=6, experts=4, top_k=2, config=RouterConfig(kind="topk"))
+    x = torch.randn(7, 6)
+    q = torch.tensor([0.0, 0.1, 0.6, 0.3])
+    r = router(x, count_probs=q)
+    logits = x @ router.weight.detach().T
+    probs = torch.zeros(7, 4)
+    selected = torch.zeros(7, 4, dtype=torch.bool)
+    for n in (2, 3, 4):
+        probs[:, :n] += q[n - 1] * logits[:, :n].softmax(-1)
+        top = logits[:, :n].topk(2, -1).indices
+        selected |= torch.zeros_like(selected).scatter(1, top, True)
+    torch.testing.assert_close(r.probs.detach(), probs)
+    assert torch.equal(r.selected, selected)
+    torch.testing.assert_close(r.active, torch.tensor(0.1 * 2 + 0.6 * 3 + 0.3 * 4))

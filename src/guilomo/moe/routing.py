@@ -170,21 +170,30 @@ class Router(nn.Module):
     def _expected_topk(
         self, logits: torch.Tensor, q: torch.Tensor, active: torch.Tensor
     ) -> Routing:
-        """sum_n q_n TopK(softmax over experts 1..n), n = top_k..E, in one batched pass."""
+        """sum_n q_n TopK(softmax over experts 1..n), n = top_k..E, in one batched pass.
+
+        The renormalised top-k weights of a softmax are the softmax of the k largest logits,
+        so no (counts, tokens, experts) softmax is needed; the expected probabilities (for
+        the balance loss) are e_i * sum_{n > i} q_n / S_n with e = exp(logits) and S_n the
+        sum of the first n of them."""
         k, e = self.top_k, logits.shape[1]
         counts = torch.arange(k, e + 1, device=logits.device)  # (M,)
         beyond = torch.arange(e, device=logits.device)[None, :] >= counts[:, None]  # (M, E)
-        p = logits[None].masked_fill(beyond[:, None, :], float("-inf")).softmax(-1)  # (M, N, E)
-        top_p, top_i = p.topk(k, dim=-1)  # (M, N, k)
-        if k == 1:
-            top_p = torch.ones_like(top_p)  # see topk_route
-        else:
-            top_p = top_p / top_p.sum(-1, keepdim=True)
-        qm = q[counts - 1][:, None, None]  # (M, 1, 1)
-        weights = torch.zeros_like(p).scatter(-1, top_i, top_p * qm).sum(0)  # (N, E)
-        chosen = torch.zeros_like(p, dtype=torch.bool).scatter(-1, top_i, True).any(0)
+        top_l, top_i = logits[None].masked_fill(beyond[:, None, :], float("-inf")).topk(k, -1)
+        top_w = torch.ones_like(top_l) if k == 1 else top_l.softmax(-1)  # (M, N, k)
+        qm = q[counts - 1]  # (M,)
+        weights = torch.zeros(
+            (len(counts), *logits.shape), dtype=logits.dtype, device=logits.device
+        ).scatter(-1, top_i, top_w * qm[:, None, None])
+        ex = (logits - logits.max(-1, keepdim=True).values.detach()).exp()  # (N, E)
+        per_count = torch.zeros_like(ex).index_copy(
+            1, counts - 1, qm / ex.cumsum(-1)[:, counts - 1]
+        )
+        probs = ex * per_count.flip(-1).cumsum(-1).flip(-1)
+        weights = weights.sum(0)  # (N, E)
+        # every count has q_n > 0 (a softmax), so an expert some count picks has weight > 0
         return Routing(
-            weights=weights, selected=chosen, logits=logits, probs=(p * qm).sum(0), active=active
+            weights=weights, selected=weights > 0, logits=logits, probs=probs, active=active
         )
 
     def _rule(
