@@ -84,6 +84,7 @@ def test_allocation_from_state(tmp_path):
         experts, ranks = layer.gsv.choice()
         assert alloc.modules[name].experts == experts and alloc.modules[name].ranks == ranks
     assert params == allocation_parameters(alloc, search.shapes)
+    assert search.mode_parameters() == params  # what the size controller steers is extracted
     smaller, p2 = allocation_from_state(tmp_path / "s", budget=params - 1)
     assert p2 <= params - 1
     with pytest.raises(AllocationInputError, match="smaller than the minimal allocation"):

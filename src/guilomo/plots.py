@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .moe.config import Allocation
-from .moe.gsv import at_least, count_distributions, expected_choice, fold_counts
+from .moe.gsv import at_least, count_distributions, expected_choice, modes
 from .stages.search import read_state
 
 DPI = 120
@@ -329,12 +329,10 @@ def selected_modes(
     """The selected allocation (the mode, as `guilomo.moe.gsv.choose`) of stacked GSVs:
     expert counts (...,) and the rank of every expert slot (..., N) (slots past the count
     are not selected: ignore them)."""
-    if settings.estimator == "expected":
-        q = fold_counts(torch.softmax(expert.double() / settings.tau, -1), settings.top_k)
-        n = q.argmax(-1) + 1
-    else:
-        n = (expert.argmax(-1) + 1).clamp_min(settings.top_k)
-    return n.numpy(), (rank.argmax(-1) + 1).numpy()
+    n, ranks = modes(
+        expert, rank, top_k=settings.top_k, estimator=settings.estimator, tau=settings.tau
+    )
+    return n.numpy(), ranks.numpy()
 
 
 def changed_shares(n: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -179,14 +179,24 @@ class ModuleGsv(nn.Module):
         )
 
 
+def modes(
+    expert: torch.Tensor, rank: torch.Tensor, *, top_k: int, estimator: Estimator, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mode of each distribution, batched over leading dims: expert counts (...,) and
+    the rank of every expert slot (..., N) (slots past the count are not selected).
+    experts = the most likely count of q (``expected``, counts below top_k folded into
+    top_k) or max(top_k, argmax + 1) (``reference``); rank_j = argmax g_R,j + 1 (softmax
+    and sigmoid keep the argmax)."""
+    if estimator == "expected":
+        n = fold_counts(torch.softmax(expert.double() / tau, -1), top_k).argmax(-1) + 1
+    else:
+        n = (expert.argmax(-1) + 1).clamp_min(top_k)
+    return n, rank.argmax(-1) + 1
+
+
 def choose(
     expert: torch.Tensor, rank: torch.Tensor, *, top_k: int, estimator: Estimator, tau: float
 ) -> tuple[int, list[int]]:
-    """The mode of each distribution: experts = the most likely count of q (``expected``,
-    counts below top_k folded into top_k) or max(top_k, argmax + 1) (``reference``);
-    rank_j = argmax g_R,j + 1 (softmax and sigmoid keep the argmax)."""
-    if estimator == "expected":
-        n = int(fold_counts(torch.softmax(expert.double() / tau, -1), top_k).argmax()) + 1
-    else:
-        n = max(top_k, int(expert.argmax()) + 1)
-    return n, (rank.argmax(dim=-1) + 1)[:n].tolist()
+    """One module's mode (see `modes`) as (experts, ranks of the selected experts)."""
+    n, ranks = modes(expert, rank, top_k=top_k, estimator=estimator, tau=tau)
+    return int(n), ranks[: int(n)].tolist()

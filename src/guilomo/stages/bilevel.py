@@ -158,7 +158,6 @@ class BilevelSearch:
         self.opt_alpha = torch.optim.AdamW(
             self.alpha.values(), lr=gsv_lr, betas=gsv_betas, weight_decay=0.0
         )
-
         self.fd_scale = fd_scale  # eps = fd_scale / ||v|| (the method's 0.01)
         self.step_count = 0
         self.rank, self.world = world()
@@ -232,11 +231,11 @@ class BilevelSearch:
         self.model.train()
         train_part = shard(train, self.rank, self.world)
         g_alpha, info = self._upper(train_part, shard(val, self.rank, self.world))
-        if self.size is not None:
-            g_size, size_info = self.size.gradient(self, list(self.alpha.values()))
-            g_alpha = [g + d for g, d in zip(g_alpha, g_size, strict=True)]
-            info.update(size_info)
-        if self.step_count >= self.gsv_start:
+        if self.step_count >= self.gsv_start:  # (the size term too: no controller wind-up)
+            if self.size is not None:
+                g_size, size_info = self.size.gradient(self, list(self.alpha.values()))
+                g_alpha = [g + d for g, d in zip(g_alpha, g_size, strict=True)]
+                info.update(size_info)
             for p, g in zip(self.alpha.values(), g_alpha, strict=True):
                 p.grad = g
             self.opt_alpha.step()

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ..checkpoint import load_optimizer_state, optimizer_state
 from ..distributed import all_reduce_sum, barrier, step_seed, world
 from ..moe.config import LossConfig, Placement
-from ..moe.gsv import Estimator, fold_counts
+from ..moe.gsv import Estimator, modes
 from ..moe.model import MoeAdapter
 from ..moe.search import (
     inject_search,
@@ -305,8 +305,7 @@ class SearchRun:
         for name, layer in self.adapter.layers.items():
             g = layer.gsv
             d_in, d_out = self.shapes[name]
-            n = fold_counts(torch.softmax(g.expert / g.tau, -1), g.top_k).argmax() + 1
-            ranks = g.rank.argmax(-1) + 1
+            n, ranks = modes(g.expert, g.rank, top_k=g.top_k, estimator=g.estimator, tau=g.tau)
             kept = torch.arange(ranks.shape[0], device=ranks.device) < n
             size = (d_in + d_out) * (ranks * kept).sum() + d_in * n * (n > 1)
             total = size if total is None else total + size
