@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--estimator", choices=["expected", "reference"], default="expected")
     args = p.parse_args()
     torch.set_num_threads(2)

@@ -311,3 +311,50 @@ def test_expected_topk_probabilities_are_the_expected_softmax():
     torch.testing.assert_close(r.probs.detach(), probs)
     assert torch.equal(r.selected, selected)
     torch.testing.assert_close(r.active, torch.tensor(0.1 * 2 + 0.6 * 3 + 0.3 * 4))
+
+    # logits 300 apart: the first two experts' softmax underflows against the maximum in
+    # fp32, but each prefix's softmax is still well defined (and finite in the backward)
+    far = torch.tensor([[0.0, 1.0, 300.0, 299.0]], requires_grad=True)
+    r = router(None, logits=far, count_probs=q)
+    want = torch.zeros(1, 4, dtype=torch.float64)
+    for n in (2, 3, 4):
+        want[:, :n] += q[n - 1].double() * far.detach().double()[:, :n].softmax(-1)
+    torch.testing.assert_close(r.probs.detach().double(), want, atol=1e-6, rtol=1e-5)
+    grad = torch.autograd.grad((r.probs * torch.arange(4.0)).sum(), far)[0]
+    assert torch.isfinite(grad).all() and grad[0, :2].abs().sum() > 0
+
+
+def test_gsvs_read_together_equal_each_module_reading_its_own():
+    """The search reads all GSVs in one stacked pass per forward; logits and every gradient
+    (GSVs and weights) are those of each module computing its own distributions."""
+    from conftest import tiny_llama
+    from guilomo.moe.search import expected_parameters, inject_search
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    results = []
+    for together in (True, False):
+        model = tiny_llama(num_hidden_layers=2)
+        adapter = inject_search(model, base_model="t", max_experts=4, max_rank=3, seed=1)
+        with torch.no_grad():  # distinct GSVs and nonzero B, so every path carries a gradient
+            for i, p in enumerate(adapter.model.parameters()):
+                if p.requires_grad and p.dim() > 0:
+                    p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        if not together:
+            for handle in adapter.search_hooks:
+                handle.remove()
+        out = model(input_ids=ids, labels=ids)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out.loss + adapter.aux_loss(), params)
+        assert all(layer.gsv._reading is None for layer in adapter.layers.values())
+        results.append((out.logits, grads))
+    # the size term, batched over modules, is the sum of each module's (checked by
+    # enumeration in test_expected_estimator_is_the_expectation_over_counts_and_ranks)
+    layers = adapter.layers.values()
+    one_by_one = sum(m.gsv.expected_parameters(m.in_features, m.out_features) for m in layers)
+    torch.testing.assert_close(expected_parameters(adapter), one_by_one)
+    (logits_t, grads_t), (logits_o, grads_o) = results
+    torch.testing.assert_close(logits_t, logits_o)
+    assert len(grads_t) == len(grads_o) > 0
+    for gt, go in zip(grads_t, grads_o, strict=True):
+        assert torch.isfinite(gt).all() and torch.isfinite(go).all()
+        torch.testing.assert_close(gt, go)

@@ -29,6 +29,7 @@ of q (folded) and the argmax of each g_R,j, for ``reference`` the argmax of sigm
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -142,10 +143,13 @@ class ModuleGsv(nn.Module):
         self.rank = nn.Parameter(
             torch.randn(max_experts, max_rank, generator=generator).softmax(-1)
         )
+        self._reading: tuple[torch.Tensor, torch.Tensor] | None = None  # see `read_together`
 
     # -- what the layer uses -------------------------------------------------------------
     def count_probs(self) -> torch.Tensor:
         """``expected``: (N_max,) q_n, the probability that the module has n experts."""
+        if self._reading is not None:
+            return self._reading[0]
         return count_distributions(self.expert, self.rank, top_k=self.top_k, tau=self.tau)[0]
 
     def logit_mask(self) -> torch.Tensor:
@@ -158,18 +162,14 @@ class ModuleGsv(nn.Module):
         first argmax+1 components and 1e-4 beyond (``reference``)."""
         if self.estimator == "reference":
             return prefix_mask(self.rank, 1, RANK_LEAK, 1.0, RANK_LEAK)
+        if self._reading is not None:
+            return self._reading[1]
         return at_least(torch.softmax(self.rank / self.tau, dim=-1))
 
     # -- what the search reads -----------------------------------------------------------
     def expected_parameters(self, d_in: int, d_out: int) -> torch.Tensor:
-        """E[trainable parameters] of the module (``expected``): sum_j P(n >= j) *
-        (d_in + d_out) * E[r_j], plus the router's d_in per expert when n > 1."""
-        q = self.count_probs()
-        keep = at_least(q)  # (N,) P(n >= j)
-        rank_mass = self.rank_gates().sum(-1)  # (N,) E[r_j]
-        counts = torch.arange(1, q.shape[0] + 1, dtype=q.dtype, device=q.device)
-        router = (q * counts).sum() - q[0]  # E[n * 1(n > 1)]
-        return (d_in + d_out) * (keep * rank_mass).sum() + d_in * router
+        """E[trainable parameters] of the module (``expected``), see `expected_size`."""
+        return expected_size(self.count_probs(), self.rank_gates(), d_in, d_out)
 
     @torch.no_grad()
     def choice(self) -> tuple[int, list[int]]:
@@ -177,6 +177,49 @@ class ModuleGsv(nn.Module):
         return choose(
             self.expert, self.rank, top_k=self.top_k, estimator=self.estimator, tau=self.tau
         )
+
+
+def expected_size(
+    q: torch.Tensor, gates: torch.Tensor, d_in: torch.Tensor | int, d_out: torch.Tensor | int
+) -> torch.Tensor:
+    """E[trainable parameters] from q (..., N) and the rank gates (..., N, R), batched over
+    leading dims: sum_j P(n >= j) * (d_in + d_out) * E[r_j], plus the router's d_in per
+    expert when n > 1 (E[r_j] is the sum of its gates P(r_j >= t))."""
+    keep = at_least(q)  # (..., N) P(n >= j)
+    counts = torch.arange(1, q.shape[-1] + 1, dtype=q.dtype, device=q.device)
+    router = (q * counts).sum(-1) - q[..., 0]  # E[n * 1(n > 1)]
+    return (d_in + d_out) * (keep * gates.sum(-1)).sum(-1) + d_in * router
+
+
+def read_together(gsvs: Sequence[ModuleGsv]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Compute the q and rank gates of many ``expected`` GSVs of one shape in one batched
+    pass (stacked, so a few ops for the whole model instead of about ten per module); each
+    module's `count_probs` and `rank_gates` return its row until `forget` clears them. The
+    search calls it before every forward of the model, so the values are those of the
+    parameters at that time. Returns the stacked q (M, N) and gates (M, N, R), or None
+    when the GSVs differ in shape or estimator (then each module reads its own)."""
+    first = gsvs[0] if gsvs else None
+    if first is None or any(
+        (g.estimator, g.top_k, g.tau, g.rank.shape)
+        != ("expected", first.top_k, first.tau, first.rank.shape)
+        for g in gsvs
+    ):
+        return None
+    q, p = count_distributions(
+        torch.stack([g.expert for g in gsvs]),
+        torch.stack([g.rank for g in gsvs]),
+        top_k=first.top_k,
+        tau=first.tau,
+    )
+    gates = at_least(p)
+    for g, q_m, gates_m in zip(gsvs, q.unbind(0), gates.unbind(0), strict=True):
+        g._reading = (q_m, gates_m)
+    return q, gates
+
+
+def forget(gsvs: Sequence[ModuleGsv]) -> None:
+    for g in gsvs:
+        g._reading = None
 
 
 def modes(

@@ -15,7 +15,17 @@ import torch
 from torch import nn
 
 from .config import Allocation, ModuleAllocation, MoeConfig, Placement, build_allocation
-from .gsv import REFERENCE_INIT_STD, Estimator, ModuleGsv, at_least, choose, count_distributions
+from .gsv import (
+    REFERENCE_INIT_STD,
+    Estimator,
+    ModuleGsv,
+    at_least,
+    choose,
+    count_distributions,
+    expected_size,
+    forget,
+    read_together,
+)
 from .layer import LoraMoeLinear
 from .model import AdapterError, MoeAdapter, inject_adapter
 
@@ -65,16 +75,35 @@ def inject_search(
             with torch.no_grad():
                 for p in (layer.lora_A, layer.lora_B):
                     p.copy_(torch.randn(p.shape, generator=gen) * REFERENCE_INIT_STD)
+    gsvs = [layer.gsv for layer in adapter.layers.values()]
+
+    def read(_module: nn.Module, _args: tuple) -> None:  # (a returned value would replace args)
+        read_together(gsvs)
+
+    # every forward reads all GSVs in one batched pass (see read_together), then lets go
+    adapter.search_hooks = (
+        model.register_forward_pre_hook(read),
+        model.register_forward_hook(lambda _m, _a, _o: forget(gsvs), always_call=True),
+    )
     return adapter
 
 
 def expected_parameters(adapter: MoeAdapter) -> torch.Tensor:
     """E[trainable parameters] of the allocation the GSVs describe (``expected`` estimator),
-    differentiable in the GSVs."""
-    return sum(
-        layer.gsv.expected_parameters(layer.in_features, layer.out_features)
-        for layer in adapter.layers.values()
-    )
+    differentiable in the GSVs (all modules in one batched pass when their GSVs match)."""
+    layers = list(adapter.layers.values())
+    gsvs = [layer.gsv for layer in layers]
+    stacked = read_together(gsvs)
+    forget(gsvs)
+    if stacked is None:
+        return sum(
+            gsv.expected_parameters(m.in_features, m.out_features)
+            for gsv, m in zip(gsvs, layers, strict=True)
+        )
+    q, gates = stacked
+    d_in = torch.tensor([m.in_features for m in layers], dtype=q.dtype, device=q.device)
+    d_out = torch.tensor([m.out_features for m in layers], dtype=q.dtype, device=q.device)
+    return expected_size(q, gates, d_in, d_out).sum()
 
 
 def gsv_parameters(adapter: MoeAdapter) -> dict[str, nn.Parameter]:

@@ -23,7 +23,8 @@ weighted by the share of rows, i.e. averaged over the shards.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -175,11 +176,12 @@ class BilevelSearch:
             grads = [torch.zeros_like(p) for p in wrt]
             ce = torch.zeros((), device=wrt[0].device)
         else:
-            if weights is None:
-                out = self.model(**part.batch)
-            else:
-                named = dict(zip(self.w_names, weights, strict=True))
-                out = functional_call(self.model, named, (), dict(part.batch))
+            with self._graph_for(wrt):
+                if weights is None:
+                    out = self.model(**part.batch)
+                else:
+                    named = dict(zip(self.w_names, weights, strict=True))
+                    out = functional_call(self.model, named, (), dict(part.batch))
             aux = self.adapter.aux_loss()
             total = out.loss * part.ce_weight
             if aux is not None:
@@ -193,6 +195,26 @@ class BilevelSearch:
             ce = out.loss.detach().to(wide) * part.ce_weight
         *grads, ce = all_reduce_sum([*grads, ce])
         return grads, ce
+
+    @contextmanager
+    def _graph_for(self, wrt: Sequence[torch.Tensor]) -> Iterator[None]:
+        """Record autograd history only for `wrt`: the searched parameters not asked for
+        (the weights in a GSV pass, the GSVs in a weight pass) are frozen for the forward,
+        so the backward neither computes their gradients nor walks the gate chains (the
+        fused layer's own backward cannot tell which of its inputs autograd.grad wants)."""
+        wanted = {id(t) for t in wrt}
+        frozen = [
+            p
+            for p in (*self.w.values(), *self.alpha.values())
+            if p.requires_grad and id(p) not in wanted
+        ]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
 
     # -- the upper level --------------------------------------------------------------
     def upper_gradient(self, train: Batch, val: Batch) -> tuple[list[torch.Tensor], dict]:
