@@ -41,7 +41,7 @@ RANK_TARGETS = ("model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj")
 EXPERT_TARGET = "model.layers.0.self_attn.v_proj"
 LOGIT_SCALE = 30.0
 RANK_SCALE = 6.0  # each planted change alone: teacher-student KL ~0.2
-EXPERT_SCALE = 0.4  # the region changes' size
+EXPERT_SCALE = 0.8  # the region changes: KL 0.1-0.18 alone, as strong as one rank change
 
 
 def tiny_base(seed: int) -> LlamaForCausalLM:
