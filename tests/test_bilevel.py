@@ -113,3 +113,18 @@ def test_virtual_step_leaves_optimiser_state_alone(order):
         assert torch.equal(p, before[k]) and p.grad is None
     info = search.step(train, val)
     assert set(info) == {"val_loss", "train_loss"}
+
+
+def test_gsv_learning_rate_decays_over_the_last_share_of_steps():
+    model, adapter = search_model()
+    train, val = batches()
+    search = BilevelSearch(model, adapter, total_steps=10, gsv_lr=3e-3, gsv_decay=0.3)
+    lrs = []
+    for _ in range(10):
+        search.step(train, val)
+        lrs.append(search.opt_alpha.param_groups[0]["lr"])
+    # decay from step 7 = (1 - 0.3) * 10: factors (10 - s) / 3 for s = 7, 8, 9
+    want = [3e-3] * 7 + [3e-3 * 3 / 3, 3e-3 * 2 / 3, 3e-3 * 1 / 3]
+    assert lrs == pytest.approx(want)
+    flat = BilevelSearch(model, adapter, total_steps=10, gsv_decay=0.0)
+    assert [flat.gsv_factor(s) for s in range(12)] == [1.0] * 12

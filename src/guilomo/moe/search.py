@@ -75,17 +75,25 @@ def inject_search(
             with torch.no_grad():
                 for p in (layer.lora_A, layer.lora_B):
                     p.copy_(torch.randn(p.shape, generator=gen) * REFERENCE_INIT_STD)
-    gsvs = [layer.gsv for layer in adapter.layers.values()]
-
-    def read(_module: nn.Module, _args: tuple) -> None:  # (a returned value would replace args)
-        read_together(gsvs)
-
-    # every forward reads all GSVs in one batched pass (see read_together), then lets go
+    # every forward reads all GSVs in one batched pass (see read_together), then lets go;
+    # the hooks find the GSVs in the module they run on, so a deep copy reads its own
     adapter.search_hooks = (
-        model.register_forward_pre_hook(read),
-        model.register_forward_hook(lambda _m, _a, _o: forget(gsvs), always_call=True),
+        model.register_forward_pre_hook(_read_gsvs),
+        model.register_forward_hook(_forget_gsvs, always_call=True),
     )
     return adapter
+
+
+def _gsvs(model: nn.Module) -> list[ModuleGsv]:
+    return [m for m in model.modules() if isinstance(m, ModuleGsv)]
+
+
+def _read_gsvs(model: nn.Module, _args: tuple) -> None:  # (a returned value replaces args)
+    read_together(_gsvs(model))
+
+
+def _forget_gsvs(model: nn.Module, _args: tuple, _out: object) -> None:
+    forget(_gsvs(model))
 
 
 def expected_parameters(adapter: MoeAdapter) -> torch.Tensor:

@@ -142,8 +142,10 @@ class BilevelSearch:
         fd_scale: float = 0.01,
         size: SizeControl | None = None,
         gsv_start: int = 0,
+        gsv_decay: float = 0.3,
     ) -> None:
         self.model, self.adapter, self.order = model, adapter, order
+        self.gsv_lr, self.gsv_decay = gsv_lr, gsv_decay
         self.size = size  # the E[params] term of the upper loss (expected estimator only)
         self.gsv_start = gsv_start  # steps of weights only before the GSVs move
         self.total_steps = total_steps
@@ -162,6 +164,16 @@ class BilevelSearch:
         self.fd_scale = fd_scale  # eps = fd_scale / ||v|| (the method's 0.01)
         self.step_count = 0
         self.rank, self.world = world()
+
+    def gsv_factor(self, step: int) -> float:
+        """GSV learning-rate factor: 1, then a linear decay towards 0 over the last
+        `gsv_decay` share of the steps, so the selection settles instead of flickering
+        between near-tied counts at the last step (and a size target's controller stops
+        hunting around the target)."""
+        start = (1.0 - self.gsv_decay) * self.total_steps
+        if step < start or self.gsv_decay == 0:
+            return 1.0
+        return max(0.0, (self.total_steps - step) / (self.total_steps - start))
 
     # -- losses and gradients ---------------------------------------------------------
     def grad(
@@ -260,6 +272,8 @@ class BilevelSearch:
                 info.update(size_info)
             for p, g in zip(self.alpha.values(), g_alpha, strict=True):
                 p.grad = g
+            for group in self.opt_alpha.param_groups:  # a function of the step: resumes as is
+                group["lr"] = self.gsv_lr * self.gsv_factor(self.step_count)
             self.opt_alpha.step()
             self.opt_alpha.zero_grad(set_to_none=True)
         if self.order == "first":

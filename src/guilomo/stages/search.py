@@ -119,6 +119,13 @@ class SearchConfig(BaseModel):
         default=None, ge=0, description="Linear warm-up of the LoRA LR (default: 10% of steps)."
     )
     gsv_lr: float = Field(default=3e-3, gt=0, description="AdamW LR of the GSVs.")
+    gsv_decay: float = Field(
+        default=0.3,
+        ge=0,
+        lt=1,
+        description="Share of the last steps over which the GSV LR decays linearly to 0, "
+        "so the selection (and a parameter target) settles.",
+    )
     gsv_betas: tuple[float, float] = Field(
         default=(0.5, 0.999), description="AdamW betas of the GSVs."
     )
@@ -252,6 +259,7 @@ class SearchRun:
             gsv_betas=config.gsv_betas,
             size=self._size_control(),
             gsv_start=config.gsv_start,
+            gsv_decay=config.gsv_decay,
         )
         self.losses: list[dict[str, float]] = []
         self.history: list[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
