@@ -183,7 +183,8 @@ class Router(nn.Module):
         far below the maximum cannot underflow to 0 / 0 (beyond 700 its experts count as
         equal, where fp32 would give NaN)."""
         k, (n, e) = self.top_k, logits.shape
-        masked = logits[:, None, :].masked_fill(self._beyond(e, logits.device), float("-inf"))
+        beyond, upper = self._prefix_masks(e, logits.device)
+        masked = logits[:, None, :].masked_fill(beyond, float("-inf"))
         qm = q[k - 1 :, None]  # (M, 1): q_n of each count n = top_k..E
         top_l, top_i = masked.topk(k, -1)  # (N, M, k)
         top_w = (torch.ones_like(top_l) if k == 1 else top_l.softmax(-1)) * qm
@@ -192,26 +193,22 @@ class Router(nn.Module):
         )  # (N, E)
         shifted = (logits - logits.max(-1, keepdim=True).values.detach()).double()
         ex = shifted.clamp_min(-700.0).exp()  # (N, E)
-        probs = (ex * ((q.double() / ex.cumsum(-1)) @ self._upper(e, logits.device))).to(q.dtype)
+        probs = (ex * ((q.double() / ex.cumsum(-1)) @ upper)).to(q.dtype)
         # every count has q_n > 0 (a softmax), so an expert some count picks has weight > 0
         return Routing(
             weights=weights, selected=weights > 0, logits=logits, probs=probs, active=active
         )
 
-    def _beyond(self, e: int, device: torch.device) -> torch.Tensor:
-        """(M, E) True beyond the first n experts, for the M counts n = top_k..E (cached)."""
-        if getattr(self, "_beyond_key", None) != (e, device):
+    def _prefix_masks(self, e: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, E) True beyond the first n experts, for the M counts n = top_k..E, and the
+        (E, E) fp64 0/1 matrix U[n, i] = 1 where count n + 1 includes expert i (cached)."""
+        if getattr(self, "_masks_key", None) != (e, device):
             counts = torch.arange(self.top_k, e + 1, device=device)
             experts = torch.arange(e, device=device)
-            self._beyond_mask = experts[None, :] >= counts[:, None]
-            # U[n, i] = 1 where count n + 1 includes expert i
-            self._upper_mask = (experts[:, None] >= experts[None, :]).double()
-            self._beyond_key = (e, device)
-        return self._beyond_mask
-
-    def _upper(self, e: int, device: torch.device) -> torch.Tensor:
-        self._beyond(e, device)
-        return self._upper_mask
+            beyond = experts[None, :] >= counts[:, None]
+            upper = (experts[:, None] >= experts[None, :]).double()
+            self._masks, self._masks_key = (beyond, upper), (e, device)
+        return self._masks
 
     def _rule(
         self, probs: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor | None

@@ -75,25 +75,27 @@ def inject_search(
             with torch.no_grad():
                 for p in (layer.lora_A, layer.lora_B):
                     p.copy_(torch.randn(p.shape, generator=gen) * REFERENCE_INIT_STD)
-    # every forward reads all GSVs in one batched pass (see read_together), then lets go;
-    # the hooks find the GSVs in the module they run on, so a deep copy reads its own
+    # every forward reads all GSVs in one batched pass (see read_together), then lets go
+    reader = _GsvReader([layer.gsv for layer in adapter.layers.values()])
     adapter.search_hooks = (
-        model.register_forward_pre_hook(_read_gsvs),
-        model.register_forward_hook(_forget_gsvs, always_call=True),
+        model.register_forward_pre_hook(reader.before),
+        model.register_forward_hook(reader.after, always_call=True),
     )
     return adapter
 
 
-def _gsvs(model: nn.Module) -> list[ModuleGsv]:
-    return [m for m in model.modules() if isinstance(m, ModuleGsv)]
+class _GsvReader:
+    """The search model's forward hooks. Bound methods, so a deep copy of the model copies
+    this object too and its hooks read the copy's GSVs."""
 
+    def __init__(self, gsvs: list[ModuleGsv]) -> None:
+        self.gsvs = gsvs
 
-def _read_gsvs(model: nn.Module, _args: tuple) -> None:  # (a returned value replaces args)
-    read_together(_gsvs(model))
+    def before(self, _model: nn.Module, _args: tuple) -> None:  # (a return would replace args)
+        read_together(self.gsvs)
 
-
-def _forget_gsvs(model: nn.Module, _args: tuple, _out: object) -> None:
-    forget(_gsvs(model))
+    def after(self, _model: nn.Module, _args: tuple, _out: object) -> None:
+        forget(self.gsvs)
 
 
 def expected_parameters(adapter: MoeAdapter) -> torch.Tensor:
