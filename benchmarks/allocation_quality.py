@@ -23,7 +23,13 @@ A Markdown table goes to stdout, progress to stderr; the last stdout line is one
 Every finished cell (preprocess, search, allocate, sft, evaluate) is an artifact folder
 under --root named by the stage and a short hash of its exact arguments (inputs named by
 their own cell folder, so the hashes do not depend on where --root is): an interrupted run
-continues where it stopped, and a rerun with the same flags runs nothing.
+continues where it stopped, and a rerun with the same flags runs nothing. Each finished
+evaluation is also recorded in --ledger (default benchmarks/results/allocation-quality, in
+the repository: its per-question correctness and the allocation's parameters, a few KB),
+and the table is computed from those records: a fresh checkout, or another machine, runs
+only the cells an unrecorded evaluation needs, so the benchmark can be continued across
+sessions and finished on a GPU machine. (Cells are named by their arguments, not the code
+version: delete the ledger when a change to the stages should be measured anew.)
 """
 
 from __future__ import annotations
@@ -245,6 +251,50 @@ def build_plan(o: argparse.Namespace, base: str | Ref) -> Plan:
     return plan
 
 
+LEDGER = Path(__file__).resolve().parent / "results" / "allocation-quality"
+KEPT = ("formulation", "split", "accuracy", "correct", "total", "acc_norm", "correct_norm")
+KEPT_PER_QUESTION = ("id", "answer", "prediction", "correct", "prediction_norm", "correct_norm")
+
+
+def record(ev: Cell, alloc: Cell, root: Path, ledger: Path) -> None:
+    """Write LEDGER/EV.json (atomically): what the table needs of one evaluation."""
+    report = read_report(ev.path(root))
+    doc = {
+        "evaluation_cell": ev.name,
+        "allocation_cell": alloc.name,
+        "trainable_parameters": read_artifact(alloc.path(root)).metadata["trainable_parameters"],
+        "report": {
+            **{k: report[k] for k in KEPT if k in report},
+            "predictions": [
+                {k: q[k] for k in KEPT_PER_QUESTION if k in q} for q in report["predictions"]
+            ],
+        },
+    }
+    ledger.mkdir(parents=True, exist_ok=True)
+    tmp = ledger / f".{ev.name}.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(doc, separators=(",", ":")) + "\n", encoding="utf-8")
+    tmp.replace(ledger / f"{ev.name}.json")
+
+
+def recorded(ev: Cell, ledger: Path) -> dict | None:
+    try:
+        return json.loads((ledger / f"{ev.name}.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def needed(plan: Plan, ledger: Path) -> set[str]:
+    """The cells an unrecorded evaluation depends on (itself included)."""
+    out: set[str] = set()
+    todo = [ev for ev in plan.evals.values() if recorded(ev, ledger) is None]
+    while todo:
+        c = todo.pop()
+        if c.name not in out:
+            out.add(c.name)
+            todo += [a for a in c.args if isinstance(a, Cell)]
+    return out
+
+
 def complete(c: Cell, root: Path) -> bool:
     try:
         read_artifact(c.path(root), kind=ARTIFACT_KINDS[c.stage])
@@ -309,16 +359,17 @@ def spread(values: list[float]) -> dict:
     }
 
 
-def analyse(o: argparse.Namespace, plan: Plan, root: Path) -> tuple[list[dict], dict]:
+def analyse(o: argparse.Namespace, plan: Plan, ledger: Path) -> tuple[list[dict], dict]:
     key = METRIC_FIELD["acc"]
     cells, summary = [], {}
     for s in o.sets:
         reports = {}
         for seed in o.seeds:
             for name in ALLOCATIONS:
-                ev, alloc = plan.evals[(s, seed, name)], plan.allocs[(s, seed, name)]
-                rep = reports[(seed, name)] = read_report(ev.path(root))
-                params = read_artifact(alloc.path(root)).metadata["trainable_parameters"]
+                ev = plan.evals[(s, seed, name)]
+                doc = recorded(ev, ledger)
+                rep = reports[(seed, name)] = doc["report"]
+                params = doc["trainable_parameters"]
                 cells.append(
                     {
                         "set": s,
@@ -327,7 +378,7 @@ def analyse(o: argparse.Namespace, plan: Plan, root: Path) -> tuple[list[dict], 
                         "accuracy": rep["accuracy"],
                         "n": rep["total"],
                         "trainable_parameters": params,
-                        "allocation_cell": alloc.name,
+                        "allocation_cell": doc["allocation_cell"],
                         "evaluation_cell": ev.name,
                     }
                 )
@@ -426,6 +477,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, help="the presets' expert rank (8)")
     p.add_argument("--max-experts", type=int, help="the search's N_max (8)")
     p.add_argument("--max-rank", type=int, help="the search's R_max (8)")
+    p.add_argument(
+        "--ledger",
+        help="folder of the finished evaluations' records (default: the repository's "
+        "benchmarks/results/allocation-quality; with --tiny, ROOT/ledger)",
+    )
     p.add_argument("--base-model", default="smollm2-135m", help="model folder, hub id or alias")
     p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
     p.add_argument("--bootstrap-seed", type=int, default=0)
@@ -445,30 +501,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(o, k, v)
     if o.tiny:
         o.sets, o.seeds = o.sets[:1], o.seeds[:1]
+    if o.ledger is None:
+        o.ledger = Path(o.root) / "ledger" if o.tiny else LEDGER
     return o
 
 
 def main(argv: list[str] | None = None) -> None:
     o = parse_args(argv)
-    root = Path(o.root)
+    root, ledger = Path(o.root), Path(o.ledger)
     base: str | Ref = Ref(TINY_BASE) if o.tiny else o.base_model
     plan = build_plan(o, base)
     cells = list(plan.cells.values())
+    todo = needed(plan, ledger)
     if o.dry_run:
         if o.tiny:
             print(f"# build the tiny base model in {Ref(TINY_BASE).path(root)}")
         for c in cells:
-            if not complete(c, root):
+            if c.name in todo and not complete(c, root):
                 print(shlex.join(c.command(root)))
         print(json.dumps({"dry_run": True, "cells": len(cells), "root": str(root)}))
         return
     root.mkdir(parents=True, exist_ok=True)
-    if o.tiny:
+    if o.tiny and todo:
         build_tiny_base(Ref(TINY_BASE).path(root))
     t0 = time.perf_counter()
+    allocs = {plan.evals[k].name: plan.allocs[k] for k in plan.evals}
     for i, c in enumerate(cells, 1):
+        if c.name not in todo:
+            print(f"[{i}/{len(cells)}] {c.label} ... cached", file=sys.stderr, flush=True)
+            continue
         run_cell(c, root, i, len(cells))
-    cell_rows, summary = analyse(o, plan, root)
+        if c.name in allocs:
+            record(c, allocs[c.name], root, ledger)
+    cell_rows, summary = analyse(o, plan, ledger)
     print(table(o, summary))
     met = all(sm["goal_met"] for sm in summary.values())
     goal = f"searched >= best hand-made at <= {PARAMS_SLACK}x its parameters"
@@ -481,6 +546,7 @@ def main(argv: list[str] | None = None) -> None:
                 "seeds": o.seeds,
                 "target_like": like_spec(o.experts, o.rank),
                 "root": str(root),
+                "ledger": str(ledger),
                 "wall_s": round(time.perf_counter() - t0, 1),
                 "cells": cell_rows,
                 "summary": summary,

@@ -15,8 +15,12 @@ project's own `BilevelSearch` (first order; weights on train batches, GSVs on he
   rank expert cannot express it and a router over several can; everything else needs
   nothing. Separated when the needed module selects more experts than every unneeded one.
 
-Targets: ranks separated in 5/5 seeds, expert counts in at least 4/5. The last line is one
-JSON object with the per-seed selections and the separation counts.
+- landing: the ranks task on a 6-layer base (42 modules) searched to a parameter target
+  (the size of uniform 3 experts of rank 4, `--target-like uniform:3x4`) instead of a fixed
+  penalty. Landed when the selected allocation's parameters are within 2% of the target.
+
+Targets: ranks separated in 5/5 seeds, expert counts in at least 4/5, landed in 5/5. The
+last line is one JSON object with the per-seed selections and the separation counts.
 """
 
 from __future__ import annotations
@@ -34,23 +38,31 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from guilomo.moe.search import inject_search, module_shapes
-from guilomo.stages.bilevel import BilevelSearch, SizeControl, linear_schedule  # noqa: F401
+from guilomo.moe.search import (
+    inject_search,
+    mode_parameters,
+    module_shapes,
+    preset_parameters,
+    size_range,
+)
+from guilomo.stages.bilevel import BilevelSearch, SizeControl
 
 RANK_TARGETS = ("model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj")
 EXPERT_TARGET = "model.layers.0.self_attn.v_proj"
 LOGIT_SCALE = 30.0
 RANK_SCALE = 6.0  # each planted change alone: teacher-student KL ~0.2
 EXPERT_SCALE = 0.8  # the region changes: KL 0.1-0.18 alone, as strong as one rank change
+LANDING = dict(layers=6, target_like="uniform:3x4", max_experts=4, max_rank=8, steps=200)
+LANDED = 0.02  # the selection within 2% of the target
 
 
-def tiny_base(seed: int) -> LlamaForCausalLM:
+def tiny_base(seed: int, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
@@ -125,6 +137,8 @@ class Result:
     ranks: dict[str, float]
     separated: bool
     val_loss: float
+    parameters: int = 0  # of the selected allocation
+    target: int | None = None
 
 
 @torch.no_grad()
@@ -156,8 +170,12 @@ def run(
     lora_lr: float = 3e-3,
     gsv_lr: float = 3e-3,
     scale: float = 1.0,
+    layers: int = 2,
+    target_like: str | None = None,
 ) -> Result:
-    base = tiny_base(0)
+    """One search of `task` ("ranks" or "experts"); with `target_like` (a preset spec),
+    steered to that preset's parameters instead of the fixed `penalty`."""
+    base = tiny_base(0, layers)
     teacher = plant(base, task, seed, scale)
     student = copy.deepcopy(base)
     torch.manual_seed(seed)
@@ -174,11 +192,13 @@ def run(
     )
     model = Distill(student)
     shapes = module_shapes(adapter)
-    p_max = sum(
-        (d_in + d_out) * max_rank * max_experts + d_in * max_experts
-        for d_in, d_out in shapes.values()
-    )
-    size = SizeControl(p_max=p_max, penalty=penalty) if estimator == "expected" else None
+    p_max = size_range(shapes, top_k=top_k, max_experts=max_experts, max_rank=max_rank)[1]
+    target = None
+    if target_like is not None:
+        target = preset_parameters(target_like, shapes, top_k=top_k)
+    size = None
+    if estimator == "expected":
+        size = SizeControl(p_max=p_max, penalty=penalty, target=target)
     search = BilevelSearch(
         model,
         adapter,
@@ -206,7 +226,16 @@ def run(
     else:
         others = [e for n, e in experts.items() if n != EXPERT_TARGET]
         separated = experts[EXPERT_TARGET] > max(others)
-    return Result(seed, experts, ranks, separated, info.get("val_loss", float("nan")))
+    val_loss = info.get("val_loss", float("nan"))
+    return Result(seed, experts, ranks, separated, val_loss, mode_parameters(adapter), target)
+
+
+def landing(seed: int, **kw) -> tuple[Result, float]:
+    """The landing task (see the docstring): the search and its relative miss."""
+    cfg = {**LANDING, **kw}
+    steps, layers, like = cfg.pop("steps"), cfg.pop("layers"), cfg.pop("target_like")
+    r = run("ranks", seed, steps=steps, layers=layers, target_like=like, **cfg)
+    return r, (r.parameters - r.target) / r.target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--estimator", choices=["expected", "reference"], default="expected")
-    p.add_argument("--tasks", default="ranks,experts")
+    p.add_argument("--tasks", default="ranks,experts,landing")
     p.add_argument("--gsv-start", type=int, default=0)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--penalty", type=float, default=0.01)
@@ -229,6 +258,18 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for seed in range(args.seeds):
             t0 = time.perf_counter()
+            if task == "landing":
+                r, off = landing(seed, top_k=args.top_k, lora_lr=args.lora_lr)
+                print(
+                    f"landing seed {seed}: {r.parameters:,} parameters for a target of "
+                    f"{r.target:,} ({100 * off:+.1f}%) ({time.perf_counter() - t0:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                rows.append(
+                    {"seed": seed, "parameters": r.parameters, "target": r.target, "off": off}
+                )
+                continue
             r = run(
                 task,
                 seed,
@@ -253,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 {"seed": seed, "experts": r.experts, "ranks": r.ranks, "separated": r.separated}
             )
-        out[task] = {"separated": sum(r["separated"] for r in rows), "seeds": rows}
+        if task == "landing":
+            out[task] = {"landed": sum(abs(r["off"]) <= LANDED for r in rows), "seeds": rows}
+        else:
+            out[task] = {"separated": sum(r["separated"] for r in rows), "seeds": rows}
     print(json.dumps(out))
     return 0
 

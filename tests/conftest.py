@@ -55,12 +55,16 @@ def tiny_tokenizer(corpus=None, vocab_size=300):
         special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    corpus = corpus or [
-        "Below is an instruction that describes a task. Write a response that appropriately "
-        "completes the request.",
-        "### Instruction:\nContext: N/A\nQuestion: Which is a mammal?\nOptions: (A) cat (B) fish",
-        "### Response:\nAnswer: The answer is A.",
-    ] * 20
+    corpus = (
+        corpus
+        or [
+            "Below is an instruction that describes a task. Write a response that appropriately "
+            "completes the request.",
+            "### Instruction:\nContext: N/A\nQuestion: Which is a mammal?\nOptions: (A) cat (B) fish",
+            "### Response:\nAnswer: The answer is A.",
+        ]
+        * 20
+    )
     tok.train_from_iterator(corpus, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]

@@ -109,19 +109,23 @@ def test_layer_benchmark_matmuls_backward_equals_autograd():
 @pytest.mark.slow
 def test_allocation_quality_tiny_runs_then_reuses_every_cell(tmp_path):
     """benchmarks/allocation_quality.py --tiny end to end, then again on the same --root:
-    the second run finds every cell (preprocess, search, allocate, sft, evaluate) cached."""
+    the second run finds every cell (preprocess, search, allocate, sft, evaluate) cached;
+    a third on an empty --root with the same --ledger (a fresh checkout) runs nothing."""
     import re
 
     done = re.compile(r"^\[\d+/\d+\] .+ \.\.\. (cached|\d+ s)$")
+    ledger = tmp_path / "ledger"
 
-    def run():
+    def run(root="aq"):
         r = subprocess.run(
             [
                 sys.executable,
                 str(ROOT / "benchmarks" / "allocation_quality.py"),
                 "--tiny",
                 "--root",
-                str(tmp_path / "aq"),
+                str(tmp_path / root),
+                "--ledger",
+                str(ledger),
             ],
             capture_output=True,
             text=True,
@@ -140,3 +144,8 @@ def test_allocation_quality_tiny_runs_then_reuses_every_cell(tmp_path):
     assert len(lines2) == len(lines1)
     assert all(line.endswith("... cached") for line in lines2), lines2
     assert second["cells"] == first["cells"] and second["summary"] == first["summary"]
+    assert len(list(ledger.glob("evaluate-*.json"))) == 4  # one record per allocation
+    third, lines3 = run("fresh")
+    assert len(lines3) == len(lines1) and all(line.endswith("... cached") for line in lines3)
+    assert third["summary"] == first["summary"]
+    assert not (tmp_path / "fresh" / "tiny-base").exists()  # nothing was run

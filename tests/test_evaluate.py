@@ -241,7 +241,9 @@ def test_loglik_matches_plain_loop_and_batching(formulation):
     assert len({len(r["choices"]) for r in recs}) == 2  # unequal option counts in a batch
     cfg = EvalConfig(batch_size=3)
     rep = evaluate(model, tok, recs, cfg, formulation=formulation)
-    one = evaluate(model, tok, recs, cfg.model_copy(update={"batch_size": 1}), formulation=formulation)
+    one = evaluate(
+        model, tok, recs, cfg.model_copy(update={"batch_size": 1}), formulation=formulation
+    )
     norm_ok = []
     for r, p, q in zip(recs, rep["predictions"], one["predictions"], strict=True):
         want = plain_scores(model, tok, r)
@@ -378,7 +380,9 @@ def test_run_evaluate_base_and_adapter(tmp_path):
         tokenizer=tok,
         progress=False,
     )
-    assert rep["total"] == 2 and len(rep["predictions"]) == 2 and "response" in rep["predictions"][0]
+    assert (
+        rep["total"] == 2 and len(rep["predictions"]) == 2 and "response" in rep["predictions"][0]
+    )
     assert read_artifact(tmp_path / "gen", kind="EvalReport").metadata["formulation"] == "generate"
 
 

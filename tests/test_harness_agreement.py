@@ -126,7 +126,10 @@ def test_tiny_model_agrees_with_the_harness_on_every_set(tmp_path, task_manager)
     # a tokenizer trained on these rows: words are tokens, so a continuation's summed
     # log-likelihood stays small enough for fp32 to hold it to 1e-4
     texts = [
-        str(v) for f in folders.values() for row in datasets.load_from_disk(str(f)) for v in row.values()
+        str(v)
+        for f in folders.values()
+        for row in datasets.load_from_disk(str(f))
+        for v in row.values()
     ]
     tok = tiny_tokenizer(texts, vocab_size=4000)
     model = tiny_llama(vocab_size=len(tok), initializer_range=0.2, max_position_embeddings=4096)

@@ -61,7 +61,9 @@ def test_environment_image_and_compiled_yaml_agree_on_versions():
     for d in ("components", "pipelines"):
         for path in (ROOT / d).glob("*.yaml"):
             recorded = re.findall(r"^sdkVersion: kfp-(\S+)$", path.read_text(), re.M)
-            assert recorded == [pins["kfp"]], f"{path}: records kfp {recorded}, image has {pins['kfp']}"
+            assert recorded == [pins["kfp"]], (
+                f"{path}: records kfp {recorded}, image has {pins['kfp']}"
+            )
 
 
 def test_committed_yaml_is_current(tmp_path):

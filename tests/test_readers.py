@@ -404,7 +404,9 @@ def test_boolq_and_piqa_answers(mc_data):
     rows, report = mc_data["boolq"]
     for row, rec in zip(rows, report.records, strict=True):
         assert rec["answer"] == ("B" if row["answer"] else "A")  # the harness's order: no, yes
-        assert rec["instruction"].endswith(f"\nQuestion: {row['question']}?\nOptions: (A) no (B) yes\n")
+        assert rec["instruction"].endswith(
+            f"\nQuestion: {row['question']}?\nOptions: (A) no (B) yes\n"
+        )
         assert rec["instruction"].startswith(f"Context: {row['passage'].strip()}\n")
     rows, report = mc_data["piqa"]
     for row, rec in zip(rows, report.records, strict=True):

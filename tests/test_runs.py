@@ -38,7 +38,11 @@ def tiny_config(base: Path) -> dict:
         "name": "tiny",
         "base_model": str(base),
         "preprocess": {
-            "datasets": ["sciq"], "train_size": 32, "validation_size": 8, "test_size": 8, "seed": 1
+            "datasets": ["sciq"],
+            "train_size": 32,
+            "validation_size": 8,
+            "test_size": 8,
+            "seed": 1,
         },  # fmt: skip
         "search": {
             "steps": 3,

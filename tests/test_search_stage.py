@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from guilomo.moe.search import allocation_parameters
+from guilomo.moe.search import allocation_parameters, mode_parameters
 from guilomo.stages.allocate import AllocationInputError, allocation_from_state
 from guilomo.stages.search import SearchConfig, SearchRun, SearchStateError, read_state
 
@@ -84,7 +84,7 @@ def test_allocation_from_state(tmp_path):
         experts, ranks = layer.gsv.choice()
         assert alloc.modules[name].experts == experts and alloc.modules[name].ranks == ranks
     assert params == allocation_parameters(alloc, search.shapes)
-    assert search.mode_parameters() == params  # what the size controller steers is extracted
+    assert mode_parameters(search.adapter) == params  # what the size controller steers is extracted
     smaller, p2 = allocation_from_state(tmp_path / "s", budget=params - 1)
     assert p2 <= params - 1
     with pytest.raises(AllocationInputError, match="smaller than the minimal allocation"):

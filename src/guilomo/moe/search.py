@@ -24,6 +24,7 @@ from .gsv import (
     count_distributions,
     expected_size,
     forget,
+    modes,
     read_together,
 )
 from .layer import LoraMoeLinear
@@ -114,6 +115,21 @@ def expected_parameters(adapter: MoeAdapter) -> torch.Tensor:
     d_in = torch.tensor([m.in_features for m in layers], dtype=q.dtype, device=q.device)
     d_out = torch.tensor([m.out_features for m in layers], dtype=q.dtype, device=q.device)
     return expected_size(q, gates, d_in, d_out).sum()
+
+
+@torch.no_grad()
+def mode_parameters(adapter: MoeAdapter) -> int:
+    """Trainable parameters of the allocation the GSVs select now (each distribution's
+    mode), with one host sync for all modules (see `guilomo.moe.gsv.choose`)."""
+    total = None
+    for layer in adapter.layers.values():
+        g = layer.gsv
+        d_in, d_out = layer.in_features, layer.out_features
+        n, ranks = modes(g.expert, g.rank, top_k=g.top_k, estimator=g.estimator, tau=g.tau)
+        kept = torch.arange(ranks.shape[0], device=ranks.device) < n
+        size = (d_in + d_out) * (ranks * kept).sum() + d_in * n * (n > 1)
+        total = size if total is None else total + size
+    return int(total)
 
 
 def gsv_parameters(adapter: MoeAdapter) -> dict[str, nn.Parameter]:

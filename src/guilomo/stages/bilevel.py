@@ -33,8 +33,14 @@ from torch import nn
 from torch.func import functional_call
 
 from ..distributed import all_reduce_sum, world
+from ..moe.gsv import count_distributions
 from ..moe.model import MoeAdapter
-from ..moe.search import expected_parameters, gsv_parameters, weight_parameters
+from ..moe.search import (
+    expected_parameters,
+    gsv_parameters,
+    mode_parameters,
+    weight_parameters,
+)
 
 Batch = Mapping[str, torch.Tensor]
 Order = Literal["first", "second"]
@@ -78,15 +84,23 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
 
 
 class SizeControl:
-    """The size term of the upper loss: coef_t * E[params] / P_max.
+    """What keeps the allocation's size in check.
 
-    Without a target, coef_t = `penalty` ramped linearly from 0 over the first `ramp` share
-    of the steps (full strength from the start collapses needed modules before their
-    weights train). With `target` parameters it is a PI controller on the relative gap
-    between the allocation the GSVs select now (each distribution's mode) and the target:
-    coef_t = multiplier + gain * gap_t, the multiplier (a Lagrange multiplier of params =
-    target) integrating the gap. Positive while the selection is too large, negative (the
-    term then asks for more parameters) while it is too small.
+    Without a target: the term coef_t * E[params] / P_max in the upper loss, coef_t =
+    `penalty` ramped linearly from 0 over the first `ramp` share of the steps (full strength
+    from the start collapses needed modules before their weights train).
+
+    With `target` parameters: a price per parameter, outside the GSV optimiser. Every step,
+    after the GSVs' own (validation-loss) step, the relative gap between the allocation the
+    GSVs select now (each distribution's mode) and the target moves the price by `rate` *
+    gap, and each count's logit moves by minus the price change times what that count
+    costs (rank r of an expert: r * (d_in + d_out); n experts: their expected ranks' cost and
+    routers), in units of one rank of an average module. The logits are then those of a
+    Lagrangian relaxation, g - price * cost, whose mode is the best allocation at that price:
+    as the price moves, modules flip one at a time, in the order of their margin per
+    parameter, so the selection can land on the target. (The former controller, a gradient
+    of price * E[params] through Adam, moved every module the data does not need by the
+    same normalised step, and they flipped together.)
     """
 
     def __init__(
@@ -96,35 +110,52 @@ class SizeControl:
         penalty: float = 0.1,
         ramp: float = 0.6,
         target: int | None = None,
-        gain: float = 1.0,
-        integral: float = 0.05,
-        mode_parameters: Callable[[], int] | None = None,
+        rate: float = 0.015,
     ) -> None:
-        if target is not None and mode_parameters is None:
-            raise ValueError("a parameter target needs mode_parameters")
         self.p_max, self.penalty, self.ramp = p_max, penalty, ramp
-        self.target, self.gain, self.integral = target, gain, integral
-        self.mode_parameters = mode_parameters
-        self.multiplier = 0.0
+        self.target, self.rate = target, rate
+        self.multiplier = 0.0  # the price, in logits per rank of an average module
 
-    def coefficient(self, step: int, total: int) -> tuple[float, dict]:
-        """This step's coefficient and, with a target, the selection's size."""
-        if self.target is None:
-            return self.penalty * min(1.0, (step + 1) / max(1.0, self.ramp * total)), {}
-        mode = self.mode_parameters()
-        gap = (mode - self.target) / self.target
-        self.multiplier += self.integral * gap
-        return self.multiplier + self.gain * gap, {"mode_params": float(mode)}
+    def coefficient(self, step: int, total: int) -> float:
+        """This step's penalty coefficient (no target)."""
+        return self.penalty * min(1.0, (step + 1) / max(1.0, self.ramp * total))
 
     def gradient(self, search: BilevelSearch, alpha: list[torch.Tensor]) -> tuple[list, dict]:
-        coef, info = self.coefficient(search.step_count, search.total_steps)
+        """d(coef_t * E[params] / P_max)/d alpha (no target)."""
+        coef = self.coefficient(search.step_count, search.total_steps)
         with torch.enable_grad():
             expected = expected_parameters(search.adapter)
             grads = torch.autograd.grad(
                 coef * expected / self.p_max, alpha, allow_unused=True, materialize_grads=True
             )
-        info.update(expected_params=float(expected.detach()), size_coef=float(coef))
+        info = {"expected_params": float(expected.detach()), "size_coef": coef}
         return list(grads), info
+
+    @torch.no_grad()
+    def price_step(self, adapter: MoeAdapter) -> dict[str, float]:
+        """Move the price by `rate` * the selection's relative gap to the target and the
+        logits by minus that change times each count's cost (a target only)."""
+        mode = mode_parameters(adapter)
+        step = self.rate * (mode - self.target) / self.target
+        self.multiplier += step
+        layers = list(adapter.layers.values())
+        unit = sum(m.in_features + m.out_features for m in layers) / len(layers)
+        for m in layers:
+            g = m.gsv
+            d_in, d_out = m.in_features, m.out_features
+            ranks = torch.arange(1, g.rank.shape[-1] + 1, dtype=g.rank.dtype, device=g.rank.device)
+            g.rank -= step * ranks * (d_in + d_out) / unit
+            _, p_rank = count_distributions(g.expert, g.rank, top_k=g.top_k, tau=g.tau)
+            per_expert = (d_in + d_out) * (p_rank * ranks).sum(-1) + d_in  # (N,)
+            cost = per_expert.cumsum(-1)
+            cost[: g.top_k] = cost[g.top_k - 1]  # counts below top_k are top_k (folded)
+            g.expert -= step * cost / unit
+        expected = float(expected_parameters(adapter))
+        return {
+            "mode_params": float(mode),
+            "expected_params": expected,
+            "size_price": self.multiplier,
+        }
 
 
 class BilevelSearch:
@@ -266,7 +297,7 @@ class BilevelSearch:
         train_part = shard(train, self.rank, self.world)
         g_alpha, info = self._upper(train_part, shard(val, self.rank, self.world))
         if self.step_count >= self.gsv_start:  # (the size term too: no controller wind-up)
-            if self.size is not None:
+            if self.size is not None and self.size.target is None:
                 g_size, size_info = self.size.gradient(self, list(self.alpha.values()))
                 g_alpha = [g + d for g, d in zip(g_alpha, g_size, strict=True)]
                 info.update(size_info)
@@ -276,6 +307,8 @@ class BilevelSearch:
                 group["lr"] = self.gsv_lr * self.gsv_factor(self.step_count)
             self.opt_alpha.step()
             self.opt_alpha.zero_grad(set_to_none=True)
+            if self.size is not None and self.size.target is not None:
+                info.update(self.size.price_step(self.adapter))
         if self.order == "first":
             g_w, info["train_loss"] = self.grad(train_part, list(self.w.values()))
         else:

@@ -80,8 +80,7 @@ class PreprocessConfig(BaseModel):
     test_size: int | None = Field(
         default=None,
         ge=1,
-        description="Cap on the test split (default: every question not in train or "
-        "validation).",
+        description="Cap on the test split (default: every question not in train or validation).",
     )
     seed: int = Field(default=0, description="Seed of the split and of the caps.")
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ..checkpoint import load_optimizer_state, optimizer_state
 from ..distributed import all_reduce_sum, barrier, step_seed, world
 from ..moe.config import LossConfig, Placement
-from ..moe.gsv import Estimator, modes
+from ..moe.gsv import Estimator
 from ..moe.model import MoeAdapter
 from ..moe.search import (
     inject_search,
@@ -302,22 +302,7 @@ class SearchRun:
             penalty=cfg.size_penalty,
             ramp=cfg.penalty_ramp,
             target=self.target,
-            mode_parameters=self.mode_parameters,
         )
-
-    @torch.no_grad()
-    def mode_parameters(self) -> int:
-        """Trainable parameters of the allocation the GSVs select now (each mode), with
-        one host sync for all modules (see `guilomo.moe.gsv.choose`)."""
-        total = None
-        for name, layer in self.adapter.layers.items():
-            g = layer.gsv
-            d_in, d_out = self.shapes[name]
-            n, ranks = modes(g.expert, g.rank, top_k=g.top_k, estimator=g.estimator, tau=g.tau)
-            kept = torch.arange(ranks.shape[0], device=ranks.device) < n
-            size = (d_in + d_out) * (ranks * kept).sum() + d_in * n * (n > 1)
-            total = size if total is None else total + size
-        return int(total)
 
     # -- persistence -------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:
