@@ -62,3 +62,25 @@ def test_demo_trains_saves_and_reloads(tmp_path):
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("held-out loss"))
     before, after = (float(v) for v in line.split()[-2:])
     assert after < 0.5 * before
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        *(["stage", s, "--help"] for s in ("preprocess", "search", "allocate", "sft", "evaluate")),
+    ],
+)
+def test_help_prints_without_importing_torch(argv):
+    """`--help` reads the stages' configs from `guilomo.config` alone: no torch or
+    transformers import before it prints (they cost seconds)."""
+    code = (
+        "import sys\n"
+        "from guilomo.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--help" in r.stdout or "usage" in r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "[]"

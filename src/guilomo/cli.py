@@ -12,7 +12,6 @@ from pydantic import BaseModel, ValidationError
 from . import __version__
 from .artifacts import ArtifactError
 from .moe.config import Placement, RouterKind
-from .moe.model import AdapterError
 from .runs import PipelineFailed, read_yaml
 
 EXIT_BAD_INPUT = 2
@@ -247,11 +246,7 @@ def _stage_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
-    from .stages.allocate import AllocateConfig
-    from .stages.evaluate import EvalConfig
-    from .stages.preprocess import PreprocessConfig
-    from .stages.search import SearchConfig
-    from .stages.sft import SftConfig
+    from .config import AllocateConfig, EvalConfig, PreprocessConfig, SearchConfig, SftConfig
 
     stage = sub.add_parser(
         "stage",
@@ -492,7 +487,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "preset", None) is not None:
             args.preset = _parse_preset(args.preset)
         return args.func(args)
-    except (AdapterError, ArtifactError, ValidationError, ValueError, FileNotFoundError) as exc:
+    except (
+        ArtifactError,
+        ValidationError,
+        ValueError,
+        FileNotFoundError,
+    ) as exc:  # AdapterError too
         name = args.command + (f" {args.stage}" if getattr(args, "stage", None) else "")
         print(f"guilomo {name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -21,11 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .stages.allocate import AllocateConfig
-from .stages.evaluate import EvalConfig
-from .stages.preprocess import PreprocessConfig
-from .stages.search import SearchConfig
-from .stages.sft import SftConfig
+from .config import AllocateConfig, EvalConfig, PreprocessConfig, SearchConfig, SftConfig
 from .textfiles import read_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

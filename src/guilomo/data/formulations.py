@@ -33,9 +33,10 @@ str, or one str per option (WinoGrande's partial scoring), "choices": [str]}``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from .prompts import Template
+if TYPE_CHECKING:
+    from .prompts import Template
 
 Formulation = Literal["rc", "mc", "generate"]
 FORMULATIONS: tuple[str, ...] = get_args(Formulation)

@@ -1,44 +1,39 @@
-"""The LoRA-MoE library: model math only (no I/O beyond adapter files, no tracking, no KFP)."""
+"""The LoRA-MoE library: model math only (no I/O beyond adapter files, no tracking, no KFP).
 
-from .config import (
-    ALL_PROJECTIONS,
-    ATTENTION_PROJECTIONS,
-    MLP_PROJECTIONS,
-    Allocation,
-    LossConfig,
-    ModuleAllocation,
-    MoeConfig,
-    RouterConfig,
-    build_allocation,
-    preset_experts,
-)
-from .layer import LoraMoeLinear, MixLoraMlp, RoutingState
-from .losses import aux_loss, balance_loss, localized_balance_loss, z_loss
-from .model import AdapterError, MoeAdapter, inject_adapter, load_adapter
-from .routing import Router, Routing
+Names load on first use (PEP 562), so `guilomo.moe.config` is importable without torch.
+"""
 
-__all__ = [
-    "ALL_PROJECTIONS",
-    "ATTENTION_PROJECTIONS",
-    "MLP_PROJECTIONS",
-    "AdapterError",
-    "Allocation",
-    "LoraMoeLinear",
-    "LossConfig",
-    "MixLoraMlp",
-    "ModuleAllocation",
-    "MoeAdapter",
-    "MoeConfig",
-    "Router",
-    "RouterConfig",
-    "Routing",
-    "RoutingState",
-    "aux_loss",
-    "balance_loss",
-    "build_allocation",
-    "inject_adapter",
-    "load_adapter",
-    "localized_balance_loss",
-    "preset_experts",
-    "z_loss",
-]
+from importlib import import_module
+
+_WHERE = {
+    "ALL_PROJECTIONS": "config",
+    "ATTENTION_PROJECTIONS": "config",
+    "MLP_PROJECTIONS": "config",
+    "Allocation": "config",
+    "LossConfig": "config",
+    "ModuleAllocation": "config",
+    "MoeConfig": "config",
+    "RouterConfig": "config",
+    "build_allocation": "config",
+    "preset_experts": "config",
+    "LoraMoeLinear": "layer",
+    "MixLoraMlp": "layer",
+    "RoutingState": "layer",
+    "aux_loss": "losses",
+    "balance_loss": "losses",
+    "localized_balance_loss": "losses",
+    "z_loss": "losses",
+    "AdapterError": "model",
+    "MoeAdapter": "model",
+    "inject_adapter": "model",
+    "load_adapter": "model",
+    "Router": "routing",
+    "Routing": "routing",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)

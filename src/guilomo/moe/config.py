@@ -24,6 +24,9 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 RouterKind = Literal["topk", "switch", "soft", "top_p", "threshold"]
 Placement = Literal["all", "mlp", "mixlora"]
+#: How a search reads its GSVs (see `guilomo.moe.gsv`).
+Estimator = Literal["expected", "reference"]
+ESTIMATORS: tuple[str, ...] = ("expected", "reference")
 
 
 class _Strict(BaseModel):

@@ -30,13 +30,11 @@ of q (folded) and the argmax of each g_R,j, for ``reference`` the argmax of sigm
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 
-Estimator = Literal["expected", "reference"]
-ESTIMATORS: tuple[str, ...] = ("expected", "reference")
+from .config import ESTIMATORS, Estimator
 
 RANK_LEAK = 1e-4  # reference: the gradient leak to other rank indices, and the "off" scale
 EXPERT_ON, EXPERT_OFF = 0.5, -1e4  # reference: added to the router logits

@@ -11,13 +11,13 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel
 
+from ..config import AllocateConfig
 from ..moe.config import (
     ALL_PROJECTIONS,
     Allocation,
     ModuleAllocation,
-    Placement,
     build_allocation,
     check_top_k,
 )
@@ -141,36 +141,6 @@ def allocation_from_state(
     except ValueError as exc:
         raise AllocationInputError(f"{state_dir}: {exc}") from None
     return alloc, allocation_parameters(alloc, shapes)
-
-
-class AllocateConfig(BaseModel):
-    """Where the allocation comes from: a search state, a MoLA preset, or the reference's JSON."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    base_model: str = Field(
-        default="smollm2-135m", description="Base model (for module names and shapes)."
-    )
-    preset: str | list[int] | None = Field(
-        default=None,
-        description="MoLA preset instead of a search: uniform, 2468, 8642, or experts per "
-        "layer as a list ([2,4,6,8] on the command line).",
-    )
-    experts: int = Field(default=4, ge=1, description="preset uniform: experts per module.")
-    top_k: int = Field(default=2, ge=1, description="preset / reference import: top-k.")
-    rank: int = Field(default=8, ge=1, description="preset: rank of every expert.")
-    placement: Placement = Field(default="all", description="preset: all, mlp or mixlora.")
-    budget: int | None = Field(default=None, ge=1, description="search: max trainable parameters.")
-    budget_like: str | None = Field(
-        default=None,
-        description="search: the budget is the parameter count of a MoLA preset on the "
-        "searched modules, e.g. uniform:5 (5 experts of rank 8), uniform:8x4, 2468, 8642.",
-    )
-
-    @field_validator("preset", mode="before")
-    @classmethod
-    def _preset_text(cls, value: object) -> object:
-        return str(value) if isinstance(value, int) else value  # YAML reads 2468 as a number
 
 
 def model_modules(base_model: str) -> tuple[list[str], dict[str, tuple[int, int]]]:

@@ -24,13 +24,13 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from ..artifacts import ArtifactWriter, read_artifact
+from ..config import EvalConfig
 from ..data.formulations import LETTERS, Formulation, scored_pairs
 from ..data.prepared import dataset_info, read_split
 from ..evalstats import summarise, wilson_interval
@@ -54,31 +54,6 @@ _LENIENT = (
     re.compile(r"(?i:answer(?: is)?):?\s*\(?([A-Z])(?![A-Za-z])"),
     re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])(?:[).:]|\s*$))"),
 )
-
-
-class EvalConfig(BaseModel):
-    """Evaluation settings. The formulation is the dataset's (chosen in preprocess)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    split: Literal["train", "validation", "test"] = Field(
-        default="test", description="The PreparedDataset split to evaluate."
-    )
-    max_new_tokens: int = Field(
-        default=16, ge=1, description="Tokens generated per prompt (generate formulation)."
-    )
-    batch_size: int = Field(
-        default=16,
-        ge=1,
-        description="Prompts per forward pass: questions (rc, mc: their options then run, as "
-        "many per pass, against the questions' cached context) or generations.",
-    )
-    limit: int | None = Field(
-        default=None, ge=1, description="Evaluate only the first N records of the split."
-    )
-    base_model: str = Field(
-        default="smollm2-135m", description="Model folder, hub id or smollm2-135m."
-    )
 
 
 # ----------------------------------------------------------------------------- answers

@@ -11,17 +11,12 @@ evaluation scores.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from ..data.formulations import Formulation, formulate
+from ..config import DEFAULT_TEMPLATE, PreprocessConfig
+from ..data.formulations import formulate
 from ..data.prepared import write_prepared
 from ..data.prompts import load_template
 from ..data.readers import (
-    DEFAULT_TRAIN_SHARE,
-    DEFAULT_VALIDATION_SHARE,
-    MULTIPLE_CHOICE,
     DataError,
     ReadReport,
     read_instructions,
@@ -29,85 +24,6 @@ from ..data.readers import (
     read_scienceqa,
     split_records,
 )
-
-DEFAULT_TEMPLATE = "alpaca"
-
-
-class PreprocessConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: Literal["scienceqa", "instructions", "multiple_choice"] = Field(
-        default="multiple_choice", description="Kind of raw data."
-    )
-    path: str | None = Field(
-        default=None,
-        description="Raw data location (scienceqa, instructions; optional for multiple_choice).",
-    )
-    datasets: list[str] = Field(
-        default_factory=lambda: ["sciq", "arc_easy"],
-        description=f"multiple_choice sets to combine: {sorted(MULTIPLE_CHOICE)}.",
-    )
-    fields: dict[str, str] | None = Field(
-        default=None,
-        description="instructions: our field -> their column, e.g. instruction=prompt.",
-    )
-    formulation: Formulation | None = Field(
-        default=None,
-        description="How questions are put to the model, in SFT and evaluation alike. rc: the "
-        "lm-evaluation-harness prompt, each option's text scored by log-likelihood (default "
-        "for multiple_choice); mc: lettered options, the letter scored; generate: the "
-        "ScienceQA protocol, greedy decoding and 'The answer is X' (default for scienceqa and "
-        "instructions).",
-    )
-    template: str | None = Field(
-        default=None,
-        description=f"Prompt template (name or JSON path) of the generate formulation "
-        f"(default {DEFAULT_TEMPLATE}); rc and mc use the harness's prompts.",
-    )
-    train_size: int | None = Field(
-        default=None,
-        ge=1,
-        description=f"Questions in train (default: {DEFAULT_TRAIN_SHARE:.0%} of unsplit data, or "
-        "the source's whole train split).",
-    )
-    validation_size: int | None = Field(
-        default=None,
-        ge=1,
-        description=f"Questions in validation, the search's held-out split (default: "
-        f"{DEFAULT_VALIDATION_SHARE:.0%} of unsplit data or of the source's train split when it "
-        "has no validation split).",
-    )
-    test_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="Cap on the test split (default: every question not in train or validation).",
-    )
-    seed: int = Field(default=0, description="Seed of the split and of the caps.")
-
-    @model_validator(mode="after")
-    def _check(self) -> PreprocessConfig:
-        if self.source in ("scienceqa", "instructions") and not self.path:
-            raise ValueError(f"source {self.source!r} needs `path`")
-        unknown = sorted(set(self.datasets) - set(MULTIPLE_CHOICE))
-        if self.source == "multiple_choice" and unknown:
-            raise ValueError(f"unknown datasets {unknown}; known: {sorted(MULTIPLE_CHOICE)}")
-        if self.source == "instructions" and self.formulation in ("rc", "mc"):
-            raise ValueError(
-                f"formulation {self.formulation!r} scores options, and instruction data has "
-                "none: use formulation generate"
-            )
-        if self.template is not None and self.resolved_formulation != "generate":
-            raise ValueError(
-                f"template applies to the generate formulation only; {self.resolved_formulation} "
-                "uses the harness's prompt: drop template or set formulation generate"
-            )
-        return self
-
-    @property
-    def resolved_formulation(self) -> Formulation:
-        if self.formulation is not None:
-            return self.formulation
-        return "rc" if self.source == "multiple_choice" else "generate"
 
 
 def read_source(config: PreprocessConfig) -> list[ReadReport]:

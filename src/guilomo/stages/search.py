@@ -29,18 +29,17 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import load_optimizer_state, optimizer_state
+from ..config import SearchConfig
 from ..distributed import all_reduce_sum, barrier, step_seed, world
-from ..moe.config import LossConfig, Placement
-from ..moe.gsv import Estimator
+from ..moe.config import LossConfig
 from ..moe.model import MoeAdapter
 from ..moe.search import (
     inject_search,
@@ -56,121 +55,6 @@ STATE_TENSORS = "search_state.safetensors"
 
 #: `on_step(step, metrics)`: steps done so far (1-based) and that step's losses.
 StepHook = Callable[[int, dict[str, float]], None]
-
-
-class SearchConfig(BaseModel):
-    """Search hyper-parameters; defaults are the method's (ALGORITHM.md section 4)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    base_model: str = Field(
-        default="smollm2-135m", description="Model folder, hub id or smollm2-135m."
-    )
-    cutoff: int = Field(default=256, ge=8, description="Max tokens per example.")
-    batch_size: int = Field(default=16, ge=1, description="Examples per train and per val batch.")
-    max_experts: int = Field(
-        default=8, ge=1, description="N_max: experts per module searched over."
-    )
-    max_rank: int = Field(default=8, ge=1, description="R_max: rank per expert searched over.")
-    top_k: int = Field(default=2, ge=1, description="Experts per token; the minimum expert count.")
-    placement: Placement = Field(default="all", description="Projections searched: all or mlp.")
-    order: Literal["first", "second"] = Field(default="first", description="DARTS order.")
-    estimator: Estimator = Field(
-        default="expected",
-        description="How GSVs become counts: expected (GSVs are logits of distributions over "
-        "counts; the layer uses expectations) or reference (the paper's argmax masks with a "
-        "straight-through gradient, N(0, 0.02) LoRA init).",
-    )
-    tau: float = Field(
-        default=0.1, gt=0, description="expected: softmax temperature of the GSV logits."
-    )
-    size_penalty: float = Field(
-        default=0.01,
-        ge=0,
-        description="expected, no target: weight lambda of E[params] / P_max in the GSV loss.",
-    )
-    penalty_ramp: float = Field(
-        default=0.6,
-        gt=0,
-        le=1,
-        description="Share of the steps over which the size penalty ramps up from 0.",
-    )
-    target_params: int | None = Field(
-        default=None,
-        ge=1,
-        description="expected: steer the search to this many trainable parameters "
-        "(a Lagrange multiplier replaces size_penalty).",
-    )
-    target_like: str | None = Field(
-        default=None,
-        description="expected: target the parameters of a MoLA preset on this model, e.g. "
-        "uniform:5 (5 experts of rank 8), uniform:8x4, 2468, 8642.",
-    )
-    steps: int = Field(
-        default=100, ge=1, description="Bilevel steps (one train + one val batch each)."
-    )
-    gsv_start: int = Field(
-        default=0, ge=0, description="Steps of LoRA weights only before the GSVs move."
-    )
-    lora_lr: float = Field(
-        default=3e-4, gt=0, description="AdamW LR of the LoRA weights and routers."
-    )
-    warmup_steps: int | None = Field(
-        default=None, ge=0, description="Linear warm-up of the LoRA LR (default: 10% of steps)."
-    )
-    gsv_lr: float = Field(default=3e-3, gt=0, description="AdamW LR of the GSVs.")
-    gsv_decay: float = Field(
-        default=0.3,
-        ge=0,
-        lt=1,
-        description="Share of the last steps over which the GSV LR decays linearly to 0, "
-        "so the selection (and a parameter target) settles.",
-    )
-    gsv_betas: tuple[float, float] = Field(
-        default=(0.5, 0.999), description="AdamW betas of the GSVs."
-    )
-    balance_coef: float = Field(
-        default=0.001, ge=0, description="Balance-loss weight at both levels."
-    )
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Expert-input dropout.")
-    seed: int = Field(default=0, description="Seeds GSV init, data order and dropout.")
-    checkpoint_every: int = Field(default=50, ge=1, description="Steps between checkpoints.")
-    history_every: int = Field(default=1, ge=1, description="Steps between GSV history rows.")
-
-    @model_validator(mode="after")
-    def _check(self) -> SearchConfig:
-        if self.top_k > self.max_experts:
-            raise ValueError(
-                f"top_k ({self.top_k}) is larger than max_experts ({self.max_experts})"
-            )
-        if self.placement == "mixlora":
-            raise ValueError("placement 'mixlora' cannot be searched: use 'all' or 'mlp'")
-        if self.target_params is not None and self.target_like is not None:
-            raise ValueError("give target_params (--target-params) or target_like, not both")
-        if self.estimator == "reference" and self.targeted:
-            raise ValueError(
-                "a parameter target needs estimator 'expected' (the reference rule has no "
-                "differentiable size); drop --target-params / --target-like or the estimator"
-            )
-        if self.warmup_steps is not None and self.warmup_steps >= self.steps:
-            raise ValueError(
-                f"warmup_steps ({self.warmup_steps}) is not below steps ({self.steps}): the "
-                "LoRA learning rate would never leave its warm-up; lower --warmup-steps"
-            )
-        if self.gsv_start >= self.steps:
-            raise ValueError(
-                f"gsv_start ({self.gsv_start}) is not below steps ({self.steps}): the GSVs "
-                "would never move; lower --gsv-start"
-            )
-        return self
-
-    @property
-    def targeted(self) -> bool:
-        return self.target_params is not None or self.target_like is not None
-
-    @property
-    def warmup(self) -> int:
-        return self.steps // 10 if self.warmup_steps is None else self.warmup_steps
 
 
 class SearchStateError(ValueError):

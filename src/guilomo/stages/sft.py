@@ -28,19 +28,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..artifacts import ArtifactWriter, config_hash
 from ..checkpoint import load_optimizer_state, optimizer_state, optimizer_state_dict
+from ..config import SftConfig
 from ..data.prepared import read_split
 from ..data.prompts import collate, length_grouped_batches, tokenize_example
 from ..distributed import all_reduce_sum, barrier, step_seed, world
-from ..moe.config import Allocation, LossConfig, MoeConfig, RouterConfig
+from ..moe.config import Allocation, MoeConfig
 from ..moe.model import MoeAdapter, inject_adapter
 from ..remote import mirror_checkpoints
 from .bilevel import linear_schedule
@@ -54,63 +54,6 @@ ADAPTER_TENSORS = "adapter_model.safetensors"
 
 #: `on_step(step, metrics)`: the optimiser steps done so far (1-based) and that step's metrics.
 StepHook = Callable[[int, dict[str, float]], None]
-
-#: How several processes share the work: see `SftConfig.parallel`.
-Parallel = Literal["ddp", "fsdp"]
-
-
-class SftConfig(BaseModel):
-    """SFT hyper-parameters. Defaults follow the method's ScienceQA recipe where it has one."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    base_model: str = Field(
-        default="smollm2-135m", description="Model folder, hub id or smollm2-135m."
-    )
-    cutoff: int = Field(default=256, ge=8, description="Max tokens per example (prompt + answer).")
-    train_on_inputs: bool = Field(default=True, description="Also learn the prompt tokens.")
-    epochs: float = Field(default=1.0, gt=0, description="Passes over the train split.")
-    max_steps: int | None = Field(
-        default=None, ge=1, description="Optimiser steps; overrides epochs."
-    )
-    batch_size: int = Field(
-        default=16, ge=1, description="Examples per optimiser step (all processes)."
-    )
-    micro_batch_size: int = Field(default=4, ge=1, description="Examples per forward pass.")
-    lr: float = Field(
-        default=3e-4, gt=0, description="AdamW learning rate (linear warm-up and decay)."
-    )
-    warmup_steps: int = Field(
-        default=100, ge=0, description="Warm-up steps (capped at a tenth of the run)."
-    )
-    lora_alpha: float = Field(default=16.0, gt=0, description="Expert scaling alpha / r_e.")
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on expert inputs.")
-    router: RouterConfig = RouterConfig()
-    losses: LossConfig = LossConfig()
-    group_by_length: bool = Field(default=True, description="Batch examples of similar length.")
-    seed: int = Field(default=0, description="Seeds adapter init, data order and dropout.")
-    checkpoint_every: int = Field(
-        default=50, ge=1, description="Optimiser steps between checkpoints."
-    )
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        default="auto", description="auto: bf16 on GPU, fp32 on CPU."
-    )
-    parallel: Parallel = Field(
-        default="ddp",
-        description="Under torchrun: ddp, every process holds the whole model and the adapter "
-        "gradients are averaged; fsdp, base and adapter parameters are sharded over the "
-        "processes (PyTorch FSDP2) for bases that do not fit one GPU. Same result and "
-        "checkpoints either way; ignored for one process.",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> SftConfig:
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
-                f"({self.micro_batch_size})"
-            )
-        return self
 
 
 @dataclass

@@ -1,0 +1,328 @@
+"""The stages' typed configs, in one torch-free module (so `guilomo --help`, the run
+config and the KFP components read them without importing the model code)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .data.formulations import Formulation
+from .data.readers import DEFAULT_TRAIN_SHARE, DEFAULT_VALIDATION_SHARE, MULTIPLE_CHOICE
+from .moe.config import Estimator, LossConfig, Placement, RouterConfig
+
+__all__ = [
+    "AllocateConfig",
+    "EvalConfig",
+    "Parallel",
+    "PreprocessConfig",
+    "SearchConfig",
+    "SftConfig",
+]
+
+DEFAULT_TEMPLATE = "alpaca"
+
+
+class PreprocessConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["scienceqa", "instructions", "multiple_choice"] = Field(
+        default="multiple_choice", description="Kind of raw data."
+    )
+    path: str | None = Field(
+        default=None,
+        description="Raw data location (scienceqa, instructions; optional for multiple_choice).",
+    )
+    datasets: list[str] = Field(
+        default_factory=lambda: ["sciq", "arc_easy"],
+        description=f"multiple_choice sets to combine: {sorted(MULTIPLE_CHOICE)}.",
+    )
+    fields: dict[str, str] | None = Field(
+        default=None,
+        description="instructions: our field -> their column, e.g. instruction=prompt.",
+    )
+    formulation: Formulation | None = Field(
+        default=None,
+        description="How questions are put to the model, in SFT and evaluation alike. rc: the "
+        "lm-evaluation-harness prompt, each option's text scored by log-likelihood (default "
+        "for multiple_choice); mc: lettered options, the letter scored; generate: the "
+        "ScienceQA protocol, greedy decoding and 'The answer is X' (default for scienceqa and "
+        "instructions).",
+    )
+    template: str | None = Field(
+        default=None,
+        description=f"Prompt template (name or JSON path) of the generate formulation "
+        f"(default {DEFAULT_TEMPLATE}); rc and mc use the harness's prompts.",
+    )
+    train_size: int | None = Field(
+        default=None,
+        ge=1,
+        description=f"Questions in train (default: {DEFAULT_TRAIN_SHARE:.0%} of unsplit data, or "
+        "the source's whole train split).",
+    )
+    validation_size: int | None = Field(
+        default=None,
+        ge=1,
+        description=f"Questions in validation, the search's held-out split (default: "
+        f"{DEFAULT_VALIDATION_SHARE:.0%} of unsplit data or of the source's train split when it "
+        "has no validation split).",
+    )
+    test_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Cap on the test split (default: every question not in train or validation).",
+    )
+    seed: int = Field(default=0, description="Seed of the split and of the caps.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PreprocessConfig:
+        if self.source in ("scienceqa", "instructions") and not self.path:
+            raise ValueError(f"source {self.source!r} needs `path`")
+        unknown = sorted(set(self.datasets) - set(MULTIPLE_CHOICE))
+        if self.source == "multiple_choice" and unknown:
+            raise ValueError(f"unknown datasets {unknown}; known: {sorted(MULTIPLE_CHOICE)}")
+        if self.source == "instructions" and self.formulation in ("rc", "mc"):
+            raise ValueError(
+                f"formulation {self.formulation!r} scores options, and instruction data has "
+                "none: use formulation generate"
+            )
+        if self.template is not None and self.resolved_formulation != "generate":
+            raise ValueError(
+                f"template applies to the generate formulation only; {self.resolved_formulation} "
+                "uses the harness's prompt: drop template or set formulation generate"
+            )
+        return self
+
+    @property
+    def resolved_formulation(self) -> Formulation:
+        if self.formulation is not None:
+            return self.formulation
+        return "rc" if self.source == "multiple_choice" else "generate"
+
+
+class SearchConfig(BaseModel):
+    """Search hyper-parameters; defaults are the method's (ALGORITHM.md section 4)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = Field(
+        default="smollm2-135m", description="Model folder, hub id or smollm2-135m."
+    )
+    cutoff: int = Field(default=256, ge=8, description="Max tokens per example.")
+    batch_size: int = Field(default=16, ge=1, description="Examples per train and per val batch.")
+    max_experts: int = Field(
+        default=8, ge=1, description="N_max: experts per module searched over."
+    )
+    max_rank: int = Field(default=8, ge=1, description="R_max: rank per expert searched over.")
+    top_k: int = Field(default=2, ge=1, description="Experts per token; the minimum expert count.")
+    placement: Placement = Field(default="all", description="Projections searched: all or mlp.")
+    order: Literal["first", "second"] = Field(default="first", description="DARTS order.")
+    estimator: Estimator = Field(
+        default="expected",
+        description="How GSVs become counts: expected (GSVs are logits of distributions over "
+        "counts; the layer uses expectations) or reference (the paper's argmax masks with a "
+        "straight-through gradient, N(0, 0.02) LoRA init).",
+    )
+    tau: float = Field(
+        default=0.1, gt=0, description="expected: softmax temperature of the GSV logits."
+    )
+    size_penalty: float = Field(
+        default=0.01,
+        ge=0,
+        description="expected, no target: weight lambda of E[params] / P_max in the GSV loss.",
+    )
+    penalty_ramp: float = Field(
+        default=0.6,
+        gt=0,
+        le=1,
+        description="Share of the steps over which the size penalty ramps up from 0.",
+    )
+    target_params: int | None = Field(
+        default=None,
+        ge=1,
+        description="expected: steer the search to this many trainable parameters "
+        "(a Lagrange multiplier replaces size_penalty).",
+    )
+    target_like: str | None = Field(
+        default=None,
+        description="expected: target the parameters of a MoLA preset on this model, e.g. "
+        "uniform:5 (5 experts of rank 8), uniform:8x4, 2468, 8642.",
+    )
+    steps: int = Field(
+        default=100, ge=1, description="Bilevel steps (one train + one val batch each)."
+    )
+    gsv_start: int = Field(
+        default=0, ge=0, description="Steps of LoRA weights only before the GSVs move."
+    )
+    lora_lr: float = Field(
+        default=3e-4, gt=0, description="AdamW LR of the LoRA weights and routers."
+    )
+    warmup_steps: int | None = Field(
+        default=None, ge=0, description="Linear warm-up of the LoRA LR (default: 10% of steps)."
+    )
+    gsv_lr: float = Field(default=3e-3, gt=0, description="AdamW LR of the GSVs.")
+    gsv_decay: float = Field(
+        default=0.3,
+        ge=0,
+        lt=1,
+        description="Share of the last steps over which the GSV LR decays linearly to 0, "
+        "so the selection (and a parameter target) settles.",
+    )
+    gsv_betas: tuple[float, float] = Field(
+        default=(0.5, 0.999), description="AdamW betas of the GSVs."
+    )
+    balance_coef: float = Field(
+        default=0.001, ge=0, description="Balance-loss weight at both levels."
+    )
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Expert-input dropout.")
+    seed: int = Field(default=0, description="Seeds GSV init, data order and dropout.")
+    checkpoint_every: int = Field(default=50, ge=1, description="Steps between checkpoints.")
+    history_every: int = Field(default=1, ge=1, description="Steps between GSV history rows.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        if self.top_k > self.max_experts:
+            raise ValueError(
+                f"top_k ({self.top_k}) is larger than max_experts ({self.max_experts})"
+            )
+        if self.placement == "mixlora":
+            raise ValueError("placement 'mixlora' cannot be searched: use 'all' or 'mlp'")
+        if self.target_params is not None and self.target_like is not None:
+            raise ValueError("give target_params (--target-params) or target_like, not both")
+        if self.estimator == "reference" and self.targeted:
+            raise ValueError(
+                "a parameter target needs estimator 'expected' (the reference rule has no "
+                "differentiable size); drop --target-params / --target-like or the estimator"
+            )
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) is not below steps ({self.steps}): the "
+                "LoRA learning rate would never leave its warm-up; lower --warmup-steps"
+            )
+        if self.gsv_start >= self.steps:
+            raise ValueError(
+                f"gsv_start ({self.gsv_start}) is not below steps ({self.steps}): the GSVs "
+                "would never move; lower --gsv-start"
+            )
+        return self
+
+    @property
+    def targeted(self) -> bool:
+        return self.target_params is not None or self.target_like is not None
+
+    @property
+    def warmup(self) -> int:
+        return self.steps // 10 if self.warmup_steps is None else self.warmup_steps
+
+
+class AllocateConfig(BaseModel):
+    """Where the allocation comes from: a search state, a MoLA preset, or the reference's JSON."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = Field(
+        default="smollm2-135m", description="Base model (for module names and shapes)."
+    )
+    preset: str | list[int] | None = Field(
+        default=None,
+        description="MoLA preset instead of a search: uniform, 2468, 8642, or experts per "
+        "layer as a list ([2,4,6,8] on the command line).",
+    )
+    experts: int = Field(default=4, ge=1, description="preset uniform: experts per module.")
+    top_k: int = Field(default=2, ge=1, description="preset / reference import: top-k.")
+    rank: int = Field(default=8, ge=1, description="preset: rank of every expert.")
+    placement: Placement = Field(default="all", description="preset: all, mlp or mixlora.")
+    budget: int | None = Field(default=None, ge=1, description="search: max trainable parameters.")
+    budget_like: str | None = Field(
+        default=None,
+        description="search: the budget is the parameter count of a MoLA preset on the "
+        "searched modules, e.g. uniform:5 (5 experts of rank 8), uniform:8x4, 2468, 8642.",
+    )
+
+    @field_validator("preset", mode="before")
+    @classmethod
+    def _preset_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) else value  # YAML reads 2468 as a number
+
+
+#: How several processes share the work: see `SftConfig.parallel`.
+Parallel = Literal["ddp", "fsdp"]
+
+
+class SftConfig(BaseModel):
+    """SFT hyper-parameters. Defaults follow the method's ScienceQA recipe where it has one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = Field(
+        default="smollm2-135m", description="Model folder, hub id or smollm2-135m."
+    )
+    cutoff: int = Field(default=256, ge=8, description="Max tokens per example (prompt + answer).")
+    train_on_inputs: bool = Field(default=True, description="Also learn the prompt tokens.")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the train split.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Optimiser steps; overrides epochs."
+    )
+    batch_size: int = Field(
+        default=16, ge=1, description="Examples per optimiser step (all processes)."
+    )
+    micro_batch_size: int = Field(default=4, ge=1, description="Examples per forward pass.")
+    lr: float = Field(
+        default=3e-4, gt=0, description="AdamW learning rate (linear warm-up and decay)."
+    )
+    warmup_steps: int = Field(
+        default=100, ge=0, description="Warm-up steps (capped at a tenth of the run)."
+    )
+    lora_alpha: float = Field(default=16.0, gt=0, description="Expert scaling alpha / r_e.")
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on expert inputs.")
+    router: RouterConfig = RouterConfig()
+    losses: LossConfig = LossConfig()
+    group_by_length: bool = Field(default=True, description="Batch examples of similar length.")
+    seed: int = Field(default=0, description="Seeds adapter init, data order and dropout.")
+    checkpoint_every: int = Field(
+        default=50, ge=1, description="Optimiser steps between checkpoints."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="auto: bf16 on GPU, fp32 on CPU."
+    )
+    parallel: Parallel = Field(
+        default="ddp",
+        description="Under torchrun: ddp, every process holds the whole model and the adapter "
+        "gradients are averaged; fsdp, base and adapter parameters are sharded over the "
+        "processes (PyTorch FSDP2) for bases that do not fit one GPU. Same result and "
+        "checkpoints either way; ignored for one process.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SftConfig:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        return self
+
+
+class EvalConfig(BaseModel):
+    """Evaluation settings. The formulation is the dataset's (chosen in preprocess)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    split: Literal["train", "validation", "test"] = Field(
+        default="test", description="The PreparedDataset split to evaluate."
+    )
+    max_new_tokens: int = Field(
+        default=16, ge=1, description="Tokens generated per prompt (generate formulation)."
+    )
+    batch_size: int = Field(
+        default=16,
+        ge=1,
+        description="Prompts per forward pass: questions (rc, mc: their options then run, as "
+        "many per pass, against the questions' cached context) or generations.",
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="Evaluate only the first N records of the split."
+    )
+    base_model: str = Field(
+        default="smollm2-135m", description="Model folder, hub id or smollm2-135m."
+    )
