@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from guilomo.artifacts.search_state import STATE_JSON, STATE_TENSORS, read_state
 from guilomo.moe import Allocation, ModuleAllocation, build_allocation
 from guilomo.moe.gsv import choose
 from guilomo.plots import (
@@ -21,7 +22,6 @@ from guilomo.plots import (
     selected_modes,
     settle_step,
 )
-from guilomo.stages.search import STATE_JSON, STATE_TENSORS
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -210,8 +210,6 @@ def write_state(path, *, history=True, losses=True, estimator="expected", sizes=
 
 
 def read(path):
-    from guilomo.stages.search import read_state
-
     return read_state(path)
 
 
@@ -256,19 +254,19 @@ def test_capacity_series_old_state_is_reference(tmp_path):
 
 def test_gsv_trajectories(tmp_path):
     write_state(tmp_path / "state", sizes=True)
-    paths = gsv_trajectories(tmp_path / "state", tmp_path / "out")
+    paths = gsv_trajectories(*read(tmp_path / "state"), tmp_path / "out")
     assert [p.name for p in paths] == ["search_capacity.png", "search_final.png", "search_loss.png"]
     for p in paths:
         assert_png(p)
     # the loss figure gained the parameter panel
     write_state(tmp_path / "plain")
-    plain = gsv_trajectories(tmp_path / "plain", tmp_path / "plain_out")[-1]
+    plain = gsv_trajectories(*read(tmp_path / "plain"), tmp_path / "plain_out")[-1]
     assert mpimg.imread(paths[-1]).shape[0] > mpimg.imread(plain).shape[0]
 
 
 def test_gsv_trajectories_without_losses(tmp_path):
     write_state(tmp_path / "state", losses=False)
-    paths = gsv_trajectories(tmp_path / "state", tmp_path / "out")
+    paths = gsv_trajectories(*read(tmp_path / "state"), tmp_path / "out")
     assert [p.name for p in paths] == ["search_capacity.png", "search_final.png"]
 
 
@@ -297,7 +295,7 @@ def test_gsv_trajectories_stay_compact_for_many_modules(tmp_path):
     c = capacity_series(*read(state))
     assert c.kinds == [*ATTN, *MLP] and c.experts.shape == (7, s)
     assert c.settled is None  # random GSVs: every step differs
-    paths = gsv_trajectories(state, tmp_path / "out")
+    paths = gsv_trajectories(*read(state), tmp_path / "out")
     for p in paths:
         assert_png(p)
         h, w = mpimg.imread(p).shape[:2]
@@ -308,7 +306,7 @@ def test_gsv_trajectories_without_history(tmp_path):
     state = tmp_path / "state"
     write_state(state, history=False)
     with pytest.raises(ValueError, match="no GSV history") as exc:
-        gsv_trajectories(state, tmp_path / "out")
+        gsv_trajectories(*read(state), tmp_path / "out", where=state)
     assert str(state) in str(exc.value)
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="no GSV history"):

@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from conftest import search_model, tiny_llama
+from guilomo.artifacts.search_state import STATE_TENSORS
 from guilomo.moe import LossConfig
 from guilomo.stages.bilevel import BilevelSearch, shard
-from guilomo.stages.search import STATE_TENSORS
 from sft_helpers import base_and_data
 
 IGNORE = -100

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from conftest import tiny_llama
+from guilomo.artifacts.search_state import SearchStateError, read_state
 from guilomo.moe.search import allocation_parameters, mode_parameters
 from guilomo.stages.allocate import AllocationInputError, allocation_from_state
-from guilomo.stages.search import SearchConfig, SearchRun, SearchStateError, read_state
+from guilomo.stages.search import SearchConfig, SearchRun
 
 CFG = SearchConfig(
     max_experts=3,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_llama, tiny_tokenizer
 from guilomo.artifacts import read_artifact
-from guilomo.stages.search import read_state
+from guilomo.artifacts.search_state import read_state
 
 GUILOMO = str(Path(sys.executable).parent / "guilomo")
 

@@ -1,7 +1,7 @@
 """Figures of an allocation and of a GSV search (PNG, matplotlib's Agg backend).
 
 `allocation_heatmaps` draws how many experts each module got and the rank of every expert.
-`gsv_trajectories` draws, from a search state folder, where the capacity went and when the
+`gsv_trajectories` draws, from a search state, where the capacity went and when the
 selection settled (``search_capacity.png``: expected experts and rank per projection kind
 over the steps, and the share of modules whose selected allocation still differs from the
 final one), the final selection per decoder layer x projection kind (``search_final.png``)
@@ -33,7 +33,6 @@ from matplotlib.ticker import MaxNLocator
 
 from .moe.config import Allocation
 from .moe.gsv import at_least, count_distributions, expected_choice, modes
-from .stages.search import read_state
 
 DPI = 120
 #: Rows of a projection-kind heatmap, in this order when present; other kinds follow sorted.
@@ -563,8 +562,11 @@ def _loss_figure(losses: Sequence[Mapping], target: int | None) -> Figure:
     return fig
 
 
-def gsv_trajectories(state_dir: Path, out_dir: Path) -> list[Path]:
-    """Write the figures of a search from its state folder; returns the paths written.
+def gsv_trajectories(
+    doc: dict, tensors: Mapping[str, torch.Tensor], out_dir: Path, *, where: object = "state"
+) -> list[Path]:
+    """Write the figures of a search from its state (`read_state`'s ``(doc, tensors)``;
+    `where` names it in errors); returns the paths written.
 
     ``search_capacity.png``: expected experts per module and expected rank per expert, one
     line per projection kind (mean over layers), and the share of modules whose selected
@@ -574,10 +576,8 @@ def gsv_trajectories(state_dir: Path, out_dir: Path) -> list[Path]:
     parameters when logged (only when losses were logged).
     Raises `ValueError` if the state has no GSV history.
     """
-    state_dir = Path(state_dir)
-    doc, tensors = read_state(state_dir)
-    series = capacity_series(doc, tensors, where=state_dir)  # checks the history first
-    final = final_grids(doc, tensors, where=state_dir)
+    series = capacity_series(doc, tensors, where=where)  # checks the history first
+    final = final_grids(doc, tensors, where=where)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -120,16 +120,16 @@ def allocation_from_state(
     With `module_shapes` (the target model's adapted modules), a state searched on another
     model is refused.
     """
-    from .search import check_state_fits, read_state
+    from ..artifacts.search_state import check_state_fits, gsvs, read_state
 
     doc, tensors = read_state(Path(state_dir))
     shapes = {n: tuple(s) for n, s in doc["shapes"].items()}
     if module_shapes is not None:
         check_state_fits(doc, Path(state_dir), base_model=None, shapes=module_shapes)
-    gsvs = {n: (tensors[f"gsv.{n}.expert"], tensors[f"gsv.{n}.rank"]) for n in doc["modules"]}
+    state_gsvs = gsvs(doc, tensors)
     try:
         alloc = extract_allocation(
-            gsvs,
+            state_gsvs,
             base_model=doc["base_model"],
             top_k=doc["config"]["top_k"],
             shapes=shapes,
@@ -221,7 +221,7 @@ def run_allocate(
         raise AllocationInputError("--budget and --budget-like apply to --search only")
     found: list[str] = []
     if search is not None:
-        from .search import read_state
+        from ..artifacts.search_state import read_state
 
         read_artifact(search, kind="SearchState")
         doc, _ = read_state(search)

@@ -24,18 +24,27 @@ Output folder:
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from ..artifacts.search_state import (
+    KIND,
+    STATE_JSON,
+    STATE_TENSORS,
+    SearchStateError,
+    check_state_fits,
+    gsv_key,
+    gsvs,
+    has_state,
+    read_state,
+    write_state,
+)
 from ..checkpoint import load_optimizer_state, optimizer_state
 from ..config import SearchConfig
 from ..distributed import all_reduce_sum, barrier, step_seed, world
@@ -50,15 +59,8 @@ from ..moe.search import (
 from ..remote import mirror_checkpoints
 from .bilevel import Batch, BilevelSearch, SizeControl
 
-STATE_JSON = "search_state.json"
-STATE_TENSORS = "search_state.safetensors"
-
 #: `on_step(step, metrics)`: steps done so far (1-based) and that step's losses.
 StepHook = Callable[[int, dict[str, float]], None]
-
-
-class SearchStateError(ValueError):
-    """A search state that does not fit (other model, other config) or is damaged."""
 
 
 @dataclass
@@ -194,10 +196,9 @@ class SearchRun:
         load = router_load(self.adapter)
         if self.search.rank != 0:
             return
-        out_dir.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         for name, (e, r) in gsv_tensors(self.adapter).items():
-            tensors[f"gsv.{name}.expert"], tensors[f"gsv.{name}.rank"] = e, r
+            tensors[gsv_key(name, "expert")], tensors[gsv_key(name, "rank")] = e, r
         for name, p in self.search.w.items():
             tensors[f"w.{name}"] = p.detach()
         ow, ow_meta = optimizer_state("opt_w", self.search.opt_w)
@@ -214,7 +215,6 @@ class SearchRun:
                 [torch.stack([h[n][1] for n in names]) for _, h in self.history]
             )
         doc = {
-            "kind": "guilomo-search-state",
             "version": 1,
             "base_model": self.base_model,
             "config": self.config.model_dump(mode="json"),
@@ -231,11 +231,7 @@ class SearchRun:
                 self.search.size.multiplier if self.search.size is not None else None
             ),
         }
-        tmp_t, tmp_j = out_dir / (STATE_TENSORS + ".tmp"), out_dir / (STATE_JSON + ".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp_t))
-        tmp_j.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp_t, out_dir / STATE_TENSORS)
-        os.replace(tmp_j, out_dir / STATE_JSON)  # last: a complete state has both
+        write_state(out_dir, doc, tensors)
 
     def load(self, out_dir: Path) -> None:
         doc, tensors = read_state(out_dir)
@@ -246,9 +242,9 @@ class SearchRun:
                 "resume with the same config or use a new output folder"
             )
         with torch.no_grad():
-            for name, layer in self.adapter.layers.items():
-                layer.gsv.expert.copy_(tensors[f"gsv.{name}.expert"])
-                layer.gsv.rank.copy_(tensors[f"gsv.{name}.rank"])
+            for name, (e, r) in gsvs(doc, tensors).items():
+                self.adapter.layers[name].gsv.expert.copy_(e)
+                self.adapter.layers[name].gsv.rank.copy_(r)
             for name, p in self.search.w.items():
                 p.copy_(tensors[f"w.{name}"])
         load_optimizer_state("opt_w", self.search.opt_w, tensors, doc["opt_w"])
@@ -296,7 +292,7 @@ class SearchRun:
             raise ValueError("the search needs non-empty train and validation splits")
         out_dir = Path(out_dir)
         start = 0
-        if (out_dir / STATE_JSON).is_file():
+        if has_state(out_dir):
             self.load(out_dir)
             start = self.search.step_count
         cfg = self.config
@@ -322,44 +318,6 @@ class SearchRun:
             self._checkpoint(out_dir, on_checkpoint)
         return SearchResult(
             out_dir=out_dir, steps=self.search.step_count, resumed_from=start, losses=self.losses
-        )
-
-
-def read_state(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The JSON and tensors of a search state folder, or a `SearchStateError` saying what is wrong."""
-    path = Path(out_dir) / STATE_JSON
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SearchStateError(f"{path}: not found; is {out_dir} the output of a search?") from None
-    except json.JSONDecodeError as exc:
-        raise SearchStateError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if doc.get("kind") != "guilomo-search-state":
-        raise SearchStateError(f"{path}: not a guilomo search state")
-    try:
-        tensors = load_file(str(Path(out_dir) / STATE_TENSORS))
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise SearchStateError(f"{Path(out_dir) / STATE_TENSORS}: unreadable ({exc})") from None
-    return doc, tensors
-
-
-def check_state_fits(
-    doc: dict, where: Path, *, base_model: str | None, shapes: Mapping[str, tuple[int, int]]
-) -> None:
-    """Refuse GSV state searched on another model (module names or shapes differ)."""
-    theirs = {n: tuple(s) for n, s in doc["shapes"].items()}
-    mine = {n: tuple(s) for n, s in shapes.items()}
-    if theirs != mine:
-        missing = sorted(set(mine) - set(theirs))[:3]
-        extra = sorted(set(theirs) - set(mine))[:3]
-        diff = [n for n in mine if n in theirs and mine[n] != theirs[n]][:3]
-        raise SearchStateError(
-            f"{where}: the GSV state was searched on another model ({doc.get('base_model')}): "
-            f"modules missing from it {missing}, not in this model {extra}, other shapes {diff}"
-        )
-    if base_model is not None and doc.get("base_model") != base_model:
-        raise SearchStateError(
-            f"{where}: searched on base model {doc.get('base_model')!r}, this run uses {base_model!r}"
         )
 
 
@@ -430,7 +388,7 @@ def run_search_stage(
     }
     with ArtifactWriter(
         out,
-        kind="SearchState",
+        kind=KIND,
         stage="search",
         config=config,
         parents=[str(dataset)] if parents is None else list(parents),
@@ -439,6 +397,6 @@ def run_search_stage(
     ) as tmp:
         for name in (STATE_JSON, STATE_TENSORS):
             (tmp / name).write_bytes((Path(checkpoints) / name).read_bytes())
-        gsv_trajectories(tmp, tmp / "plots")
+        gsv_trajectories(*read_state(tmp), tmp / "plots", where=tmp)
     result.out_dir = Path(out)
     return result

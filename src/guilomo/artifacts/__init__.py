@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import __version__
+from .. import __version__
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
