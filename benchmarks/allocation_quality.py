@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guilomo.artifacts import ArtifactError, read_artifact
-from guilomo.compare import METRIC_FIELD, compare_reports, read_report
+from guilomo.artifacts.eval_report import read_report
+from guilomo.compare import METRIC_FIELD, compare_reports
 from guilomo.evalstats import mcnemar_exact, paired_bootstrap
 
 HAND_MADE = ("uniform", "2468", "8642")

@@ -15,7 +15,8 @@ import pytest
 from scipy.stats import binomtest
 
 from guilomo.artifacts import ArtifactError, ArtifactWriter
-from guilomo.compare import compare_reports, format_comparison, read_report
+from guilomo.artifacts.eval_report import read_report
+from guilomo.compare import compare_reports, format_comparison
 from guilomo.evalstats import paired_bootstrap
 
 GUILOMO = str(Path(sys.executable).parent / "guilomo")

@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 
 from conftest import tiny_llama
 from guilomo.artifacts import read_artifact
+from guilomo.artifacts.allocation import read_allocation
 from guilomo.cli import main
-from guilomo.stages.allocate import AllocateConfig, read_allocation, run_allocate
+from guilomo.stages.allocate import AllocateConfig, run_allocate
 from guilomo.stages.sft import (
     ADAPTER_TENSORS,
     CKPT_JSON,
@@ -51,7 +52,7 @@ INTERRUPTED = """
 import sys
 from pathlib import Path
 
-from guilomo.stages.allocate import read_allocation
+from guilomo.artifacts.allocation import read_allocation
 from guilomo.distributed import init_distributed
 from guilomo.stages.sft import SftConfig, run_sft
 

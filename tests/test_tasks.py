@@ -8,7 +8,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from guilomo.stages.allocate import AllocateConfig, write_allocation
+from guilomo.artifacts.allocation import write_allocation
+from guilomo.config import AllocateConfig
 from guilomo.tasks import Io, Tracking, sft_task, torchrun_command
 from guilomo.tracking import stage_records, start_pipeline_run
 from sft_helpers import allocation, model_and_tokenizer, prepared
@@ -31,7 +32,7 @@ def world(tmp_path, monkeypatch):
     tok.save_pretrained(tmp_path / "base")
     data = prepared(tmp_path / "data")
     alloc = tmp_path / "alloc"
-    write_allocation(alloc, allocation(model), shapes=None, config=AllocateConfig())
+    write_allocation(alloc, allocation(model), parameters=None, config=AllocateConfig())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)

@@ -198,9 +198,9 @@ def _stage_allocate(args: argparse.Namespace) -> int:
 
 
 def _stage_sft(args: argparse.Namespace) -> int:
+    from .artifacts.allocation import read_allocation
     from .distributed import init_distributed, world
     from .remote import StageIO
-    from .stages.allocate import read_allocation
     from .stages.sft import SftConfig, run_sft
 
     cfg = _config_from_args(SftConfig, args, args.config)
@@ -336,7 +336,8 @@ def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare_reports, format_comparison, read_report
+    from .artifacts.eval_report import read_report
+    from .compare import compare_reports, format_comparison
     from .remote import fetch_artifact, is_remote
 
     reports = []

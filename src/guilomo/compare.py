@@ -16,18 +16,13 @@ bootstrap interval, and the exact McNemar test on the questions only one of them
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from .artifacts import ArtifactError, read_artifact
 from .evalstats import mcnemar_exact, paired_bootstrap, wilson_interval
 
 Metric = Literal["acc", "acc_norm"]
-REPORT_FILE = "report.json"
 #: The per-question field each metric reads; acc_norm is the length-normalised pick of the
 #: option-scoring formulations ("rc", "mc"), which generation ("generate") does not have.
 METRIC_FIELD: dict[str, str] = {"acc": "correct", "acc_norm": "correct_norm"}
@@ -188,28 +183,3 @@ def format_comparison(cmp: Comparison, name_a: str, name_b: str) -> str:
         f"p = {_p(cmp.p_value)}"
     )
     return "\n".join(lines)
-
-
-def read_report(path: str | os.PathLike) -> dict[str, Any]:
-    """The report.json of the EvalReport artifact at the local folder `path`, verified
-    (manifest, kind, checksums) first.
-
-    Raises:
-        ArtifactError: naming `path`: not a complete EvalReport, or its report.json is
-            missing, not JSON, or has no 'predictions' list.
-    """
-    root = Path(path)
-    manifest = read_artifact(root, kind="EvalReport")
-    file = root / REPORT_FILE
-    if REPORT_FILE not in manifest.files:
-        raise ArtifactError(f"{root}: this EvalReport has no {REPORT_FILE}")
-    try:
-        report = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{file}: not valid JSON: {exc}") from None
-    if not isinstance(report, dict) or not isinstance(report.get("predictions"), list):
-        raise ArtifactError(
-            f"{file}: no 'predictions' list, so its questions cannot be paired; rerun "
-            "`guilomo stage evaluate` to write one"
-        )
-    return report

@@ -242,9 +242,9 @@ def sft_task(config: dict, dataset: Io, allocation: Io, out: Io, tracking: Track
     ):
         return float(read_artifact(out.path).metadata["final_loss"])
 
+    from .artifacts.allocation import read_allocation
     from .distributed import world
     from .plots import loss_curve
-    from .stages.allocate import read_allocation
     from .stages.sft import SftConfig, run_sft
 
     cfg = SftConfig.model_validate(config)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import BaseModel
-
+from ..artifacts.allocation import write_allocation
 from ..config import AllocateConfig
 from ..moe.config import (
     ALL_PROJECTIONS,
@@ -162,41 +161,6 @@ def model_modules(base_model: str) -> tuple[list[str], dict[str, tuple[int, int]
     return names, shapes
 
 
-def write_allocation(
-    out: Path,
-    alloc: Allocation,
-    *,
-    shapes: Mapping[str, tuple[int, int]] | None,
-    config: BaseModel,
-    parents: Sequence[str] = (),
-    overwrite: bool = False,
-) -> Path:
-    from ..artifacts import ArtifactWriter
-    from ..plots import allocation_heatmaps
-
-    params = allocation_parameters(alloc, shapes) if shapes is not None else None
-    meta = {**alloc.summary(), "trainable_parameters": params}
-    with ArtifactWriter(
-        out,
-        kind="Allocation",
-        stage="allocate",
-        config=config,
-        parents=parents,
-        metadata=meta,
-        overwrite=overwrite,
-    ) as tmp:
-        (tmp / "allocation.json").write_text(alloc.model_dump_json(indent=2) + "\n")
-        allocation_heatmaps(alloc, tmp / "plots")
-    return out
-
-
-def read_allocation(path: Path) -> Allocation:
-    from ..artifacts import read_artifact
-
-    read_artifact(path, kind="Allocation")
-    return Allocation.model_validate_json((Path(path) / "allocation.json").read_text())
-
-
 def run_allocate(
     config: AllocateConfig,
     out: Path,
@@ -221,9 +185,10 @@ def run_allocate(
         raise AllocationInputError("--budget and --budget-like apply to --search only")
     found: list[str] = []
     if search is not None:
+        from ..artifacts.search_state import KIND as SEARCH_STATE
         from ..artifacts.search_state import read_state
 
-        read_artifact(search, kind="SearchState")
+        read_artifact(search, kind=SEARCH_STATE)
         doc, _ = read_state(search)
         shapes = {n: tuple(s) for n, s in doc["shapes"].items()}
         budget = config.budget
@@ -265,5 +230,16 @@ def run_allocate(
         shapes = linear if all(n in linear for n in alloc.modules) else None
     if parents is not None:
         found = list(parents)
-    write_allocation(out, alloc, shapes=shapes, config=config, parents=found, overwrite=overwrite)
+    from ..plots import allocation_heatmaps
+
+    params = allocation_parameters(alloc, shapes) if shapes is not None else None
+    write_allocation(
+        out,
+        alloc,
+        parameters=params,
+        config=config,
+        parents=found,
+        overwrite=overwrite,
+        extra=lambda folder: allocation_heatmaps(alloc, folder / "plots"),
+    )
     return alloc, allocation_parameters(alloc, shapes) if shapes else None

@@ -20,7 +20,6 @@ answers and the majority-answer baseline of the same questions. The result is an
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,7 +28,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..artifacts import ArtifactWriter, read_artifact
+from ..artifacts import read_artifact
+from ..artifacts.eval_report import write_report
 from ..config import EvalConfig
 from ..data.formulations import LETTERS, Formulation, scored_pairs
 from ..data.prepared import dataset_info, read_split
@@ -419,16 +419,7 @@ def run_evaluate(
     for key in ("acc_norm", "failures"):
         if key in report:
             meta[key] = report[key]
-    with ArtifactWriter(
-        out,
-        kind="EvalReport",
-        stage="evaluate",
-        config=config,
-        parents=parents,
-        metadata=meta,
-        overwrite=True,
-    ) as tmp:
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_report(out, report, metadata=meta, config=config, parents=parents)
     return report
 
 

@@ -1,0 +1,64 @@
+"""The EvalReport artifact: `report.json` (accuracy, interval, per-question predictions,
+...; see `guilomo.stages.evaluate`) and a summary of it as the manifest's metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from . import ArtifactError, ArtifactWriter, read_artifact
+
+KIND = "EvalReport"
+FILE = "report.json"
+
+
+def write_report(
+    out: Path,
+    report: Mapping[str, Any],
+    *,
+    metadata: Mapping[str, Any],
+    config: BaseModel,
+    parents: Sequence[str] = (),
+) -> Path:
+    """Publish `report` at `out` (replacing an earlier report there)."""
+    with ArtifactWriter(
+        out,
+        kind=KIND,
+        stage="evaluate",
+        config=config,
+        parents=parents,
+        metadata=dict(metadata),
+        overwrite=True,
+    ) as tmp:
+        (tmp / FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return Path(out)
+
+
+def read_report(path: str | os.PathLike) -> dict[str, Any]:
+    """The report.json of the EvalReport artifact at the local folder `path`, verified
+    (manifest, kind, checksums) first.
+
+    Raises:
+        ArtifactError: naming `path`: not a complete EvalReport, or its report.json is
+            missing, not JSON, or has no 'predictions' list.
+    """
+    root = Path(path)
+    manifest = read_artifact(root, kind=KIND)
+    file = root / FILE
+    if FILE not in manifest.files:
+        raise ArtifactError(f"{root}: this EvalReport has no {FILE}")
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{file}: not valid JSON: {exc}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("predictions"), list):
+        raise ArtifactError(
+            f"{file}: no 'predictions' list, so its questions cannot be paired; rerun "
+            "`guilomo stage evaluate` to write one"
+        )
+    return report
