@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
+from guilomo.artifacts.prepared import write_prepared
 from guilomo.data.formulations import formulate, mc_parts
-from guilomo.data.prepared import write_prepared
 from guilomo.data.prompts import load_template
 from guilomo.moe import build_allocation
 

@@ -11,8 +11,8 @@ from scipy.stats import binomtest
 
 import guilomo.scoring as scoring
 from guilomo.artifacts import ArtifactError, read_artifact
+from guilomo.artifacts.prepared import write_prepared
 from guilomo.data.formulations import formulate, mc_parts
-from guilomo.data.prepared import write_prepared
 from guilomo.stages.evaluate import (
     EvalConfig,
     evaluate,

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
 KIND = "SearchState"  # the manifest kind
@@ -47,6 +48,35 @@ def write_state(out_dir: Path, doc: Mapping, tensors: Mapping[str, torch.Tensor]
     tmp_j.write_text(json.dumps({"kind": DOC_KIND, **doc}, indent=2, sort_keys=True) + "\n")
     os.replace(tmp_t, out_dir / STATE_TENSORS)
     os.replace(tmp_j, out_dir / STATE_JSON)
+
+
+def publish_state(
+    out: Path,
+    state_dir: Path,
+    *,
+    config: BaseModel,
+    parents: Sequence[str],
+    metadata: Mapping,
+    extra: Callable[[Path], object] | None = None,
+) -> Path:
+    """Publish the state in `state_dir` (the search's checkpoint folder) as a SearchState
+    artifact at `out`; `extra(folder)` may add files (figures) before it is."""
+    from . import ArtifactWriter
+
+    with ArtifactWriter(
+        out,
+        kind=KIND,
+        stage="search",
+        config=config,
+        parents=parents,
+        metadata=dict(metadata),
+        overwrite=True,
+    ) as tmp:
+        for name in (STATE_JSON, STATE_TENSORS):
+            (tmp / name).write_bytes((Path(state_dir) / name).read_bytes())
+        if extra is not None:
+            extra(tmp)
+    return Path(out)
 
 
 def has_state(out_dir: Path) -> bool:

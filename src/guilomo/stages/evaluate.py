@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..artifacts import read_artifact
+from ..artifacts.adapter import check_adapter
 from ..artifacts.eval_report import write_report
+from ..artifacts.prepared import dataset_info, read_split
 from ..config import EvalConfig
 from ..data.formulations import LETTERS, Formulation, scored_pairs
-from ..data.prepared import dataset_info, read_split
 from ..evalstats import summarise, wilson_interval
 from ..scoring import encode, encode_pair, loglikelihoods, model_device, pad_id
 
@@ -386,7 +386,7 @@ def run_evaluate(
     info = dataset_info(Path(dataset))
     records = read_split(Path(dataset), config.split)
     if adapter is not None:
-        read_artifact(Path(adapter), kind="Adapter")  # before the (slow) model load
+        check_adapter(adapter)  # before the (slow) model load
     if model is None or tokenizer is None:
         from ..models import default_device, load_model
 

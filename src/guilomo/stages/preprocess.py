@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..artifacts.prepared import write_prepared
 from ..config import DEFAULT_TEMPLATE, PreprocessConfig
 from ..data.formulations import formulate
-from ..data.prepared import write_prepared
 from ..data.prompts import load_template
 from ..data.readers import (
     DataError,

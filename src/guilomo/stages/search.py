@@ -34,14 +34,13 @@ from torch import nn
 from tqdm import tqdm
 
 from ..artifacts.search_state import (
-    KIND,
     STATE_JSON,
-    STATE_TENSORS,
     SearchStateError,
     check_state_fits,
     gsv_key,
     gsvs,
     has_state,
+    publish_state,
     read_state,
     write_state,
 )
@@ -359,8 +358,7 @@ def run_search_stage(
         on_step: called after every step with the step number (1-based) and that step's
             losses (`train_loss`, `val_loss`, ...), as recorded in `SearchResult.losses`.
     """
-    from ..artifacts import ArtifactWriter
-    from ..data.prepared import read_split
+    from ..artifacts.prepared import read_split
     from ..plots import gsv_trajectories
 
     train_records = read_split(Path(dataset), "train")
@@ -386,17 +384,13 @@ def run_search_stage(
         "modules": len(run.shapes),
         "final_val_loss": result.losses[-1]["val_loss"] if result.losses else None,
     }
-    with ArtifactWriter(
+    publish_state(
         out,
-        kind=KIND,
-        stage="search",
+        Path(checkpoints),
         config=config,
         parents=[str(dataset)] if parents is None else list(parents),
         metadata=meta,
-        overwrite=True,
-    ) as tmp:
-        for name in (STATE_JSON, STATE_TENSORS):
-            (tmp / name).write_bytes((Path(checkpoints) / name).read_bytes())
-        gsv_trajectories(*read_state(tmp), tmp / "plots", where=tmp)
+        extra=lambda folder: gsv_trajectories(*read_state(folder), folder / "plots", where=folder),
+    )
     result.out_dir = Path(out)
     return result

@@ -34,10 +34,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..artifacts import ArtifactWriter, config_hash
+from ..artifacts import config_hash
+from ..artifacts.adapter import write_adapter
+from ..artifacts.prepared import read_split
 from ..checkpoint import load_optimizer_state, optimizer_state, optimizer_state_dict
 from ..config import SftConfig
-from ..data.prepared import read_split
 from ..data.prompts import collate, length_grouped_batches, tokenize_example
 from ..distributed import all_reduce_sum, barrier, step_seed, world
 from ..moe.config import Allocation, MoeConfig
@@ -455,15 +456,12 @@ def run_sft(
         "trainable_parameters": trainer.adapter.num_parameters(),
         "tokens_per_second": round(result.tokens_per_second, 1),
     }
-    with ArtifactWriter(
+    write_adapter(
         out,
-        kind="Adapter",
-        stage="sft",
+        lambda folder: trainer.adapter.save(folder, weights),
+        losses=result.losses,
+        metadata=meta,
         config=config,
         parents=parents,
-        metadata=meta,
-        overwrite=True,
-    ) as tmp:
-        trainer.adapter.save(tmp, weights)
-        (tmp / "train_log.json").write_text(json.dumps({"losses": result.losses}, indent=1) + "\n")
+    )
     return result

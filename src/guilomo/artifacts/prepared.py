@@ -13,8 +13,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import ArtifactError, ArtifactWriter, read_artifact
+from . import ArtifactError, ArtifactWriter, read_artifact
 
+KIND = "PreparedDataset"
 SPLITS = ("train", "validation", "test")
 
 
@@ -31,7 +32,7 @@ def write_prepared(
     counts = {name: len(splits.get(name, ())) for name in SPLITS}
     with ArtifactWriter(
         out,
-        kind="PreparedDataset",
+        kind=KIND,
         stage="preprocess",
         config=config,
         parents=parents,
@@ -49,7 +50,7 @@ def write_prepared(
 def dataset_info(dataset: Path) -> dict[str, Any]:
     """The formulation of a verified PreparedDataset (and, for generate, its template's name
     and response marker)."""
-    meta = read_artifact(dataset, kind="PreparedDataset").metadata
+    meta = read_artifact(dataset, kind=KIND).metadata
     if "formulation" not in meta:
         raise ArtifactError(
             f"{dataset}: a PreparedDataset from before formulations (rc / mc / generate) were "
