@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, help="search steps (default 300; the landing task's 200)")
     p.add_argument("--estimator", choices=["expected", "reference"], default="expected")
     p.add_argument("--tasks", default="ranks,experts,landing")
     p.add_argument("--gsv-start", type=int, default=0)
@@ -253,13 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    out: dict = {"estimator": args.estimator, "steps": args.steps}
+    out: dict = {"estimator": args.estimator, "steps": args.steps or 300}
     for task in args.tasks.split(","):
         rows = []
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             if task == "landing":
-                r, off = landing(seed, top_k=args.top_k, lora_lr=args.lora_lr)
+                steps = {} if args.steps is None else {"steps": args.steps}
+                r, off = landing(seed, top_k=args.top_k, lora_lr=args.lora_lr, **steps)
                 print(
                     f"landing seed {seed}: {r.parameters:,} parameters for a target of "
                     f"{r.target:,} ({100 * off:+.1f}%) ({time.perf_counter() - t0:.0f} s)",
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 task,
                 seed,
                 estimator=args.estimator,
-                steps=args.steps,
+                steps=300 if args.steps is None else args.steps,
                 gsv_start=args.gsv_start,
                 top_k=args.top_k,
                 penalty=args.penalty,

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
         (
             "search_known_answer.py",
             ["--seeds", "1", "--steps", "4"],
-            {"estimator", "steps", "ranks", "experts"},
+            {"estimator", "steps", "ranks", "experts", "landing"},
         ),
         (
             "evaluate.py",
