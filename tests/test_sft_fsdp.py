@@ -87,7 +87,7 @@ def config(world, **update):
 def sft_cli(world, out, *extra):
     """`guilomo stage sft` arguments for the OPTIONS run into `out` (checkpoints OUT.ckpt)."""
     args = ["stage", "sft", "--dataset", world / "data", "--allocation", world / "alloc"]
-    args += ["--base-model", world / "base", "--out", out, "--quiet"]
+    args += ["--base-model", world / "base", "--out", out, "--quiet", "--keep-checkpoints"]
     for key, value in OPTIONS.items():
         args += ["--" + key.replace("_", "-"), value]
     return [*map(str, args), *extra]

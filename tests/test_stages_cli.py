@@ -93,8 +93,8 @@ def test_help_explains_every_option():
         "--allocation",
         "--checkpoints",
         "--max-steps",
-        "--router.kind",
-        "--losses.balance-coef",
+        "router.kind=VALUE",
+        "losses.balance_coef=VALUE",
         "--train-on-inputs",
         "--micro-batch-size",
     ):
@@ -109,6 +109,9 @@ def test_stages_chain(world, tmp_path):
     assert alloc["modules"]["model.layers.0.self_attn.q_proj"]["experts"] == 2
     guilomo(*sft_args(world, "--max-steps", 3), "--out", tmp_path / "adapter")
     assert read_artifact(tmp_path / "adapter", kind="Adapter").metadata["steps"] == 3
+    assert not (tmp_path / "adapter.ckpt").exists()  # removed once the adapter is published
+    guilomo(*sft_args(world, "max_steps=1", "--keep-checkpoints"), "--out", tmp_path / "kept")
+    assert (tmp_path / "kept.ckpt" / "trainer_state.json").is_file()
     r = guilomo(
         "stage",
         "evaluate",
@@ -158,6 +161,14 @@ def test_search_then_allocate_with_budget(world, tmp_path):
     assert {"plots/search_capacity.png", "plots/search_final.png"} <= set(m.files)
     r = guilomo("stage", "allocate", "--out", tmp_path / "alloc", "--search", tmp_path / "search")
     assert "trainable parameters" in r.stdout
+    # a searched allocation takes its top-k from the search: a preset option is refused
+    r = guilomo(
+        *("stage", "allocate", "--out", tmp_path / "k", "--state", tmp_path / "search"),
+        *("--top-k", 2),
+        check=False,
+    )
+    assert r.returncode == 2 and "takes its top_k from the search (1)" in r.stderr
+    assert not (tmp_path / "k").exists()
     r = guilomo(
         "stage",
         "allocate",
@@ -350,3 +361,47 @@ def test_preprocess_bad_data_exits_2(tmp_path, kind, message):
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def check_loramoe(data: Path, adapter: Path) -> None:
+    """The data carries one task type per data set; the adapter is LoRAMoE's: MLP modules
+    only, soft routing, localized balancing on."""
+    assert read_artifact(data).metadata["task_types"] == ["sciq", "arc_easy"]
+    train = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
+    assert {r["task_type"] for r in train} == {0, 1}
+    assert all(r["task_type"] == (r["source"] != "sciq") for r in train)
+    doc = json.loads((adapter / "adapter_config.json").read_text())["config"]
+    assert doc["router"]["kind"] == "soft" and doc["losses"]["localized_coef"] == 0.1
+    assert doc["allocation"]["modules"]
+    assert all(".mlp." in name for name in doc["allocation"]["modules"])
+
+
+def test_loramoe_with_localized_balancing_through_the_five_stages(world, tmp_path):
+    """LoRAMoE from the CLI: two mixed data sets, an MLP-only search, soft routing and the
+    localized balancing constraint fed each record's task type; one set only is refused."""
+    base = world / "base"
+    guilomo(
+        *("stage", "preprocess", "--out", tmp_path / "data", "--datasets", "sciq", "arc_easy"),
+        *("--train-size", 24, "--validation-size", 8, "--test-size", 4),
+    )
+    guilomo(
+        *("stage", "search", "--out", tmp_path / "search", "--dataset", tmp_path / "data"),
+        *("--base-model", base, "--quiet", "placement=mlp", "steps=2", "max_experts=2"),
+        *("max_rank=2", "top_k=1", "batch_size=8", "cutoff=64"),
+    )
+    guilomo("stage", "allocate", "--out", tmp_path / "alloc", "--state", tmp_path / "search")
+    loramoe = ["router.kind=soft", "losses.localized_coef=0.1", "max_steps=2", "--quiet"]
+    sft = ["stage", "sft", "--dataset", tmp_path / "data", "--allocation", tmp_path / "alloc"]
+    sft += ["--base-model", base, "batch_size=4", "micro_batch_size=2", "cutoff=64", *loramoe]
+    guilomo(*sft, "--out", tmp_path / "adapter")
+    check_loramoe(tmp_path / "data", tmp_path / "adapter")
+    r = guilomo(
+        *("stage", "evaluate", "--out", tmp_path / "eval", "--dataset", tmp_path / "data"),
+        *("--adapter", tmp_path / "adapter", "--base-model", base, "--quiet"),
+    )
+    assert "accuracy" in r.stdout
+    # one data set has one task type: refused before training, naming the field
+    sft = ["stage", "sft", "--dataset", world / "data", "--allocation", tmp_path / "alloc"]
+    r = guilomo(*sft, "--base-model", base, *loramoe, "--out", tmp_path / "no", check=False)
+    assert r.returncode == 2 and "losses.localized_coef is 0.1" in r.stderr
+    assert "1 task type(s) ['sciq']" in r.stderr and not (tmp_path / "no").exists()

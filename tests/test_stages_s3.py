@@ -413,8 +413,8 @@ def test_sft_on_step_reports_what_the_result_records(tmp_path):
     )
     assert [s for s, _ in calls] == [1, 2, 3, 4]
     assert [m["loss"] for _, m in calls] == r.losses
-    assert all(set(m) == {"loss", "lr", "tokens_per_second"} for _, m in calls)
-    assert all(m["lr"] > 0 and m["tokens_per_second"] > 0 for _, m in calls)
+    assert all(set(m) == {"loss", "lr", "step_tokens_per_second"} for _, m in calls)
+    assert all(m["lr"] > 0 and m["step_tokens_per_second"] > 0 for _, m in calls)
 
 
 def test_search_on_step_and_checkpoint_uri(env, tmp_path):

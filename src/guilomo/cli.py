@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -12,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from . import __version__
 from .artifacts import ArtifactError
 from .moe.config import Placement, RouterKind
-from .runs import PipelineFailed, read_yaml
+from .runs import PipelineFailed
 
 EXIT_BAD_INPUT = 2
 
@@ -58,21 +60,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------ config options
+# ------------------------------------------------------------------ stages
 
 
-def _add_config_options(
-    parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str = ""
-) -> None:
-    """One --option per config field (nested models as --router.kind), help from the field."""
+def _add_config_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> str:
+    """One --option per top-level config field, help from the field; returns the help text
+    of the nested fields, which are set as `section.field=value` (the run config's syntax)."""
+    nested = []
     for name, field in model.model_fields.items():
         ann = field.annotation
-        dest = prefix + name
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            _add_config_options(parser, ann, prefix=dest + ".")
+            for sub, f in ann.model_fields.items():
+                default = f.get_default(call_default_factory=True)
+                text = f"{f.description or ''} (default: {default})"
+                nested.append(
+                    f"  {name}.{sub}=VALUE\n"
+                    + textwrap.fill(text, 88, initial_indent=" " * 6, subsequent_indent=" " * 6)
+                )
             continue
         default = field.get_default(call_default_factory=True)
-        kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS}
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
         args = [a for a in get_args(ann) if a is not type(None)]
         if get_origin(ann) is Literal or (args and get_origin(args[0]) is Literal):
             kw["choices"] = [
@@ -85,254 +92,104 @@ def _add_config_options(
             kw["metavar"] = "KEY=VALUE"
         help_text = (field.description or "").replace("%", "%%")
         kw["help"] = f"{help_text} (default: {default})"
-        parser.add_argument("--" + dest.replace("_", "-"), **kw)
+        parser.add_argument("--" + name.replace("_", "-"), **kw)
+    return "\n".join(nested)
 
 
-def _config_from_args(
-    model: type[BaseModel], args: argparse.Namespace, file: Path | None
-) -> BaseModel:
-    data: dict[str, Any] = {}
-    if file is not None:
-        data = read_yaml(file)
+def _stage_config(model: type[BaseModel], args: argparse.Namespace) -> BaseModel:
+    """--config FILE, then the --options, then the key=value overrides."""
+    from .config import apply_overrides, read_yaml, validated
+
+    data = read_yaml(args.config) if args.config is not None else {}
     for key, value in vars(args).items():
-        if key.split(".")[0] not in model.model_fields:
+        if key not in model.model_fields:
             continue
-        if (
-            isinstance(value, list)
-            and value
-            and all(isinstance(v, str) and "=" in v for v in value)
-        ):
-            field = model.model_fields.get(key)
-            if field is not None and "dict" in str(field.annotation):
-                value = dict(v.split("=", 1) for v in value)
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "(config)"
-        source = f"{file}: " if file is not None else ""
-        raise ValueError(f"{source}{where}: {err['msg']} (got {err.get('input')!r})") from None
+        if key == "preset" and isinstance(value, str):
+            value = _parse_preset(value)
+        if isinstance(value, list) and "dict" in str(model.model_fields[key].annotation):
+            value = dict(v.split("=", 1) for v in value)
+        data[key] = value
+    data = apply_overrides(data, args.overrides)
+    return validated(model, data, str(args.config) if args.config is not None else "")
 
 
-# ------------------------------------------------------------------ stages
-
-
-def _stage_preprocess(args: argparse.Namespace) -> int:
-    from .artifacts import read_artifact
-    from .remote import StageIO
-    from .stages.preprocess import PreprocessConfig, run_preprocess
-
-    cfg = _config_from_args(PreprocessConfig, args, args.config)
-    with StageIO(args.out, overwrite=args.overwrite) as io:
-        m = read_artifact(run_preprocess(cfg, io.out_path, overwrite=args.overwrite))
-        io.publish()
-    print(f"preprocess: {m.metadata['counts']} -> {args.out}")
-    return 0
-
-
-def _stage_checkpoints(args: argparse.Namespace) -> tuple[Path, str | None]:
-    """The local checkpoint folder and, for an s3:// --checkpoints (default: OUT.ckpt, beside
-    an s3:// OUT), the URI it mirrors."""
-    from .remote import checkpoint_folder, is_remote, local_path
-
-    uri = args.checkpoints or args.out.rstrip("/") + ".ckpt"
-    if is_remote(uri):
-        return checkpoint_folder(uri), uri
-    return local_path(uri), None
-
-
-def _stage_search(args: argparse.Namespace) -> int:
+def _run_stage(args: argparse.Namespace) -> int:
     from .distributed import init_distributed, world
-    from .remote import StageIO
-    from .stages.search import SearchConfig, run_search_stage
+    from .remote import StageIO, checkpoint_folder, is_remote, local_path
+    from .stages import STAGES, Context
 
-    cfg = _config_from_args(SearchConfig, args, args.config)
-    with StageIO(args.out, overwrite=True) as io:
-        dataset = io.input(args.dataset, "PreparedDataset")
-        init_distributed()
-        ckpt, ckpt_uri = _stage_checkpoints(args)
-        r = run_search_stage(
-            cfg,
-            dataset=dataset,
-            out=io.out_path,
-            checkpoints=ckpt,
-            checkpoint_uri=ckpt_uri,
-            parents=[args.dataset],
-            progress=not args.quiet,
-        )
-        if world()[0] == 0:  # under torchrun, rank 0 writes the state
-            io.publish()
-    print(f"search: {r.steps} steps (resumed from {r.resumed_from}) -> {args.out}")
-    return 0
-
-
-def _stage_allocate(args: argparse.Namespace) -> int:
-    from .remote import StageIO
-    from .stages.allocate import AllocateConfig, run_allocate
-
-    cfg = _config_from_args(AllocateConfig, args, args.config)
-    reference = None
-    if args.reference_expert or args.reference_rank:
-        if not (args.reference_expert and args.reference_rank):
-            raise ValueError("--reference-expert and --reference-rank go together")
-        reference = (args.reference_expert, args.reference_rank)
-    with StageIO(args.out, overwrite=args.overwrite) as io:
-        search = io.input(args.search, "SearchState")
-        alloc, params = run_allocate(
-            cfg, io.out_path, search=search, reference=reference, overwrite=args.overwrite
-        )
-        io.publish()
-    s = alloc.summary()
-    print(
-        f"allocate: {s['modules']} modules, {s['experts']} experts, total rank {s['total_rank']}, "
-        f"{params:,} trainable parameters -> {args.out}"
-        if params
-        else f"allocate: {s} -> {args.out}"
+    stage = STAGES[args.stage]
+    cfg = _stage_config(stage.config, args)
+    ctx = Context(
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        say=lambda text: print(f"{stage.name}: {text} -> {args.out}"),
     )
-    return 0
-
-
-def _stage_sft(args: argparse.Namespace) -> int:
-    from .artifacts.allocation import read_allocation
-    from .distributed import init_distributed, world
-    from .remote import StageIO
-    from .stages.sft import SftConfig, run_sft
-
-    cfg = _config_from_args(SftConfig, args, args.config)
-    with StageIO(args.out, overwrite=True) as io:
-        dataset = io.input(args.dataset, "PreparedDataset")
-        alloc = read_allocation(io.input(args.allocation, "Allocation"))
-        init_distributed()
-        ckpt, ckpt_uri = _stage_checkpoints(args)
-        r = run_sft(
-            cfg,
-            dataset=dataset,
-            allocation=alloc,
-            out=io.out_path,
-            checkpoints=ckpt,
-            checkpoint_uri=ckpt_uri,
-            parents=[args.dataset, args.allocation],
-            progress=not args.quiet,
-        )
-        if world()[0] == 0:  # under torchrun, rank 0 writes the adapter
+    with StageIO(args.out, overwrite=stage.replaces or args.overwrite) as io:
+        uris = {i.name: getattr(args, i.name) for i in stage.inputs}
+        inputs = {i.name: io.input(uris[i.name], i.kind) for i in stage.inputs}
+        ctx.parents = [u for u in uris.values() if u is not None]
+        if stage.checkpointed:
+            init_distributed()
+            uri = args.checkpoints or args.out.rstrip("/") + ".ckpt"
+            remote = is_remote(uri)
+            ctx.checkpoints = checkpoint_folder(uri) if remote else local_path(uri)
+            ctx.checkpoint_uri = uri if remote else None
+        stage.run(cfg, inputs, io.out_path, ctx)
+        if world()[0] == 0:  # under torchrun, rank 0 writes the artifact
             io.publish()
-    print(
-        f"sft: {r.steps} steps (resumed from {r.resumed_from}), final loss "
-        f"{r.losses[-1]:.4f}, {r.tokens_per_second:,.0f} tokens/s -> {args.out}"
-    )
-    return 0
-
-
-def _stage_evaluate(args: argparse.Namespace) -> int:
-    from .remote import StageIO
-    from .stages.evaluate import EvalConfig, headline, run_evaluate
-
-    cfg = _config_from_args(EvalConfig, args, args.config)
-    with StageIO(args.out, overwrite=True) as io:
-        dataset = io.input(args.dataset, "PreparedDataset")
-        adapter = io.input(args.adapter, "Adapter")
-        parents = [args.dataset] + ([args.adapter] if args.adapter else [])
-        report = run_evaluate(
-            cfg, dataset=dataset, out=io.out_path, adapter=adapter, parents=parents
-        )
-        io.publish()
-    print(f"evaluate: {headline(report)} -> {args.out}")
+            if ctx.checkpoints is not None and not args.keep_checkpoints:
+                shutil.rmtree(ctx.checkpoints, ignore_errors=True)  # an s3:// mirror stays
     return 0
 
 
 def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
-    from .config import AllocateConfig, EvalConfig, PreprocessConfig, SearchConfig, SftConfig
+    from .stages import STAGES
 
     stage = sub.add_parser(
         "stage",
         help="run one pipeline stage without Kubeflow",
         description="Run one stage as plain Python. Each writes a verified artifact "
         "(payload + manifest.json, published atomically). Every artifact URI (--dataset, "
-        "--allocation, --search, --adapter, --out, --checkpoints) is a local folder or "
+        "--allocation, --state, --adapter, --out, --checkpoints) is a local folder or "
         "s3://bucket/prefix; S3 is configured by AWS_ENDPOINT_URL, AWS_REGION, "
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY. S3 inputs are cached under "
-        "$GUILOMO_CACHE (default ~/.cache/guilomo).",
+        "$GUILOMO_CACHE (default ~/.cache/guilomo). Options are --flags or KEY=VALUE "
+        "(dotted for nested sections: router.kind=soft), as in `guilomo run`.",
     )
     stages = stage.add_subparsers(dest="stage", required=True, metavar="NAME")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, help="YAML file of options (flags override it)")
-    common.add_argument("--out", required=True, help="artifact to write: folder or s3:// URI")
-
-    specs = [
-        (
-            "preprocess",
-            PreprocessConfig,
-            _stage_preprocess,
-            "Read raw data (ScienceQA, instruction data, multiple-choice sets), split it seeded "
-            "into train / validation / test, and write a PreparedDataset.",
-        ),
-        (
-            "search",
-            SearchConfig,
-            _stage_search,
-            "Bilevel GSV search: LoRA weights on the train split, GSVs on the validation split; "
-            "checkpoints as it goes and resumes; runs under torchrun for several GPUs (each "
-            "process takes its rows of every batch); writes a SearchState with GSV plots.",
-        ),
-        (
-            "allocate",
-            AllocateConfig,
-            _stage_allocate,
-            "Turn a SearchState (optionally under a parameter budget), a MoLA preset, or the "
-            "reference code's expert.json / rank.json into an Allocation with heatmaps.",
-        ),
-        (
-            "sft",
-            SftConfig,
-            _stage_sft,
-            "Train a LoRA-MoE built from an Allocation on a PreparedDataset; checkpoints every N "
-            "steps and resumes; runs under torchrun for several GPUs (DDP, or FSDP with "
-            "--parallel fsdp for bases too large for one GPU). Writes an Adapter.",
-        ),
-        (
-            "evaluate",
-            EvalConfig,
-            _stage_evaluate,
-            "Evaluate the base model, or the base plus an Adapter, on a split, in the "
-            "dataset's formulation (rc / mc: each option scored by log-likelihood, as "
-            "lm-evaluation-harness does; generate: greedy decoding and 'The answer is X'). "
-            "Reports every accuracy with its N and 95% Wilson interval, the predicted answers "
-            "and the majority-answer baseline. Writes an EvalReport.",
-        ),
-    ]
-    for name, model, func, text in specs:
+    for s in STAGES.values():
         p = stages.add_parser(
-            name, parents=[common], help=text.split(";")[0].split(".")[0], description=text
+            s.name,
+            help=s.help.split(";")[0].split(".")[0],
+            description=textwrap.fill(s.help, 88),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        if name in ("search", "sft", "evaluate"):
-            p.add_argument("--dataset", required=True, help="PreparedDataset: folder or s3:// URI")
-        if name in ("search", "sft"):
+        p.add_argument("--config", type=Path, help="YAML file of options (flags override it)")
+        p.add_argument("--out", required=True, help=f"{s.output[1]} to write: folder or s3:// URI")
+        for i in s.inputs:
+            flags = ["--" + i.name] + (["--search"] if i.name == "state" else [])
+            p.add_argument(*flags, dest=i.name, required=i.required, help=i.help)
+        if s.checkpointed:
             p.add_argument(
                 "--checkpoints",
                 help="checkpoint folder, or an s3:// URI the stage pushes every checkpoint to and "
                 "resumes from (default: OUT.ckpt)",
             )
-        if name == "sft":
-            p.add_argument("--allocation", required=True, help="Allocation: folder or s3:// URI")
-        if name == "evaluate":
             p.add_argument(
-                "--adapter", help="Adapter: folder or s3:// URI (omit for the base model)"
+                "--keep-checkpoints",
+                action="store_true",
+                help="keep the local checkpoint folder once the artifact is published (it is "
+                "removed by default; an s3:// --checkpoints mirror is always kept)",
             )
-        if name == "allocate":
-            p.add_argument("--search", help="SearchState: folder or s3:// URI")
-            p.add_argument("--reference-expert", type=Path, help="the reference code's expert.json")
-            p.add_argument("--reference-rank", type=Path, help="the reference code's rank.json")
-        if name in ("preprocess", "allocate"):
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        if not s.replaces:
             p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-        if name in ("search", "sft"):
-            p.add_argument("--quiet", action="store_true", help="no progress bar")
-        _add_config_options(p, model)
-        p.set_defaults(func=func)
+        p.set_defaults(func=_run_stage, overwrite=False)
+        nested = _add_config_options(p, s.config)
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="options as key=value")
+        if nested:
+            p.epilog = "nested options, as KEY=VALUE:\n" + nested
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -485,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.parse_args(argv)  # exits 2 with argparse's message
     try:
-        if getattr(args, "preset", None) is not None:
+        if args.command == "demo":
             args.preset = _parse_preset(args.preset)
         return args.func(args)
     except (

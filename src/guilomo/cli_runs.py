@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 _CONFIG_HELP = (
-    "run config YAML (default: the demo, pipelines/configs/demo.yaml); sections preprocess, "
-    "search, allocate, sft, evaluate take the options of `guilomo stage NAME --help`"
+    "run config: a YAML file, or the name of one shipped with guilomo (demo, the default; "
+    "llama2-7b-scienceqa); sections preprocess, search, allocate, sft, evaluate take the "
+    "options of `guilomo stage NAME --help`"
 )
 _VERBOSE_HELP = (
     "show every task's full output (default: the stage lines; all of it goes to "
@@ -90,15 +91,18 @@ def _lineage(args: argparse.Namespace) -> int:
     from .runs import default_tracking, lineage, render_lineage
 
     default_tracking(args.root)
-    rec, tree = lineage(args.run, experiment=args.experiment)
-    m = rec.metrics
-    score = " ".join(f"{k} {m[k]:.4f}" for k in ("accuracy", "acc_norm") if k in m)
-    if "accuracy_ci95_low" in m:
-        score += f" (95% CI {m['accuracy_ci95_low']:.4f}-{m['accuracy_ci95_high']:.4f})"
-    total = int(m.get("total", 0))
-    formulation = rec.tags.get("guilomo.formulation", "?")
-    print(f"score: {score} on {total} questions, {formulation} (MLflow run {rec.run_id})")
-    print("\n".join(render_lineage(tree)))
+    for i, (rec, tree) in enumerate(lineage(args.run, experiment=args.experiment)):
+        m = rec.metrics
+        score = " ".join(f"{k} {m[k]:.4f}" for k in ("accuracy", "acc_norm") if k in m)
+        if "accuracy_ci95_low" in m:
+            score += f" (95% CI {m['accuracy_ci95_low']:.4f}-{m['accuracy_ci95_high']:.4f})"
+        total = int(m.get("total", 0))
+        formulation = rec.tags.get("guilomo.formulation", "?")
+        print(
+            ("\n" if i else "") + f"{rec.stage} score: {score} on {total} questions, "
+            f"{formulation} (MLflow run {rec.run_id})"
+        )
+        print("\n".join(render_lineage(tree)))
     return 0
 
 

@@ -3,9 +3,18 @@ config and the KFP components read them without importing the model code)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .data.formulations import Formulation
 from .data.readers import DEFAULT_TRAIN_SHARE, DEFAULT_VALIDATION_SHARE, MULTIPLE_CHOICE
@@ -13,6 +22,10 @@ from .moe.config import Estimator, LossConfig, Placement, RouterConfig
 
 __all__ = [
     "AllocateConfig",
+    "apply_overrides",
+    "first_error",
+    "read_yaml",
+    "validated",
     "EvalConfig",
     "Parallel",
     "PreprocessConfig",
@@ -21,6 +34,77 @@ __all__ = [
 ]
 
 DEFAULT_TEMPLATE = "alpaca"
+M = TypeVar("M", bound=BaseModel)
+
+
+# ------------------------------------------------------------------ loading and overrides
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from `path`, or ValueError naming the file and what is wrong."""
+    import yaml
+
+    from .textfiles import read_text
+
+    try:
+        doc = yaml.safe_load(read_text(path))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: a config file holds a mapping of option: value")
+    return doc
+
+
+def apply_overrides(doc: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """`key.sub=value` overrides (YAML values: `lr=1e-4`, `router.kind=soft`,
+    `datasets=[sciq,arc_easy]`) set into a copy of `doc`; `-` in keys reads as `_`. The one
+    override syntax of `guilomo stage` and `guilomo run`."""
+    import copy
+
+    import yaml
+
+    doc = copy.deepcopy(doc)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"{item!r}: overrides are key=value, e.g. max_steps=10")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = doc
+        for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ValueError(f"{key}: {part} is not a section")
+        node[leaf] = value
+    return doc
+
+
+def first_error(exc: ValidationError, prefix: tuple = ()) -> str:
+    """The first pydantic error as `where: what (got value)`."""
+    err = exc.errors()[0]
+    where = ".".join(str(x) for x in (*prefix, *err["loc"]))
+    msg = err["msg"].removeprefix("Value error, ")
+    got = f" (got {err['input']!r})" if err["type"] != "value_error" else ""
+    return f"{where}: {msg}{got}" if where else msg
+
+
+def validated(model: type[M], doc: dict[str, Any], source: str = "") -> M:
+    """`doc` as a `model`, or ValueError naming `source` (a file), the field and the fix."""
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        text = first_error(exc)
+        raise ValueError(f"{source}: {text}" if source else text) from None
 
 
 class PreprocessConfig(BaseModel):
@@ -115,7 +199,11 @@ class SearchConfig(BaseModel):
     )
     max_rank: int = Field(default=8, ge=1, description="R_max: rank per expert searched over.")
     top_k: int = Field(default=2, ge=1, description="Experts per token; the minimum expert count.")
-    placement: Placement = Field(default="all", description="Projections searched: all or mlp.")
+    placement: Literal["all", "mlp"] = Field(
+        default="all",
+        description="Projections searched: all (MoLA) or mlp (LoRAMoE); mixlora's shared "
+        "MLP experts are not searched.",
+    )
     order: Literal["first", "second"] = Field(default="first", description="DARTS order.")
     estimator: Estimator = Field(
         default="expected",
@@ -185,8 +273,6 @@ class SearchConfig(BaseModel):
             raise ValueError(
                 f"top_k ({self.top_k}) is larger than max_experts ({self.max_experts})"
             )
-        if self.placement == "mixlora":
-            raise ValueError("placement 'mixlora' cannot be searched: use 'all' or 'mlp'")
         if self.target_params is not None and self.target_like is not None:
             raise ValueError("give target_params (--target-params) or target_like, not both")
         if self.estimator == "reference" and self.targeted:
@@ -238,11 +324,39 @@ class AllocateConfig(BaseModel):
         description="search: the budget is the parameter count of a MoLA preset on the "
         "searched modules, e.g. uniform:5 (5 experts of rank 8), uniform:8x4, 2468, 8642.",
     )
+    reference_expert: str | None = Field(
+        default=None, description="The reference code's expert.json (with reference_rank)."
+    )
+    reference_rank: str | None = Field(
+        default=None, description="The reference code's rank.json (with reference_expert)."
+    )
 
     @field_validator("preset", mode="before")
     @classmethod
     def _preset_text(cls, value: object) -> object:
         return str(value) if isinstance(value, int) else value  # YAML reads 2468 as a number
+
+    def contradicts(self, search: dict) -> str | None:
+        """A message when this config sets a top_k or placement that differs from the
+        search's (`search`: its config), which a searched allocation takes instead."""
+        for key in ("top_k", "placement"):
+            if key in self.model_fields_set and getattr(self, key) != search.get(key):
+                return (
+                    f"allocate.{key} is {getattr(self, key)!r}, but a searched allocation takes "
+                    f"its {key} from the search ({search.get(key)!r}): set search.{key}, or "
+                    f"drop allocate.{key}"
+                )
+        return None
+
+    @model_validator(mode="after")
+    def _check(self) -> AllocateConfig:
+        if (self.reference_expert is None) != (self.reference_rank is None):
+            raise ValueError("reference_expert and reference_rank go together")
+        if self.preset is not None and self.reference_expert is not None:
+            raise ValueError("give preset or reference_expert / reference_rank, not both")
+        if self.budget is not None and self.budget_like is not None:
+            raise ValueError("give budget or budget_like, not both")
+        return self
 
 
 #: How several processes share the work: see `SftConfig.parallel`.

@@ -131,6 +131,45 @@ def resolve_model(spec: str | os.PathLike[str], *, cache_dir: Path | None = None
     return _resolve_hub(spec)
 
 
+def model_identity(spec: str | os.PathLike[str]) -> dict[str, str]:
+    """What names a base model in lineage: the spec, the digest of its weights and config
+    (`guilomo.artifacts.tree_digest`, cached by file sizes and times), and where they came
+    from: the hub revision of a hub snapshot, or the package that shipped the GGUF file."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .artifacts import tree_digest
+
+    folder = resolve_model(spec)
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name == "config.json"
+    )
+    key = json.dumps(
+        [str(folder.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    )
+    cache = default_cache_dir() / "model-digests.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        names = {p.name for p in files}
+        known[key] = tree_digest(folder, lambda p: p.name in names)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, cache)
+    ident = {"name": str(spec), "digest": known[key]}
+    if folder.parent.name == "snapshots":  # the hub cache: the folder is the commit
+        ident["revision"] = folder.name
+    if (folder / SOURCE_FILE).is_file():
+        package = json.loads((folder / SOURCE_FILE).read_text()).get("package", "")
+        try:
+            ident["source"] = f"{package}=={version(package)}"
+        except (PackageNotFoundError, ValueError):
+            ident["source"] = package
+    return ident
+
+
 def default_device() -> torch.device:
     """The GPU of this process (torchrun's LOCAL_RANK) when there is one, else the CPU."""
     if torch.cuda.is_available():

@@ -31,9 +31,9 @@ GPU_STAGES = ("search", "sft", "evaluate", "evaluate-base")
 def preprocess_op(  # noqa: ANN201
     config: dict, dataset: Output[Dataset], parent_run_id: str, kfp_run: str, kfp_task: str
 ):
-    from guilomo.tasks import Io, Tracking, preprocess_task
+    from guilomo.tasks import Io, Tracking, run_task
 
-    preprocess_task(config, Io.of(dataset), Tracking(parent_run_id, kfp_run, kfp_task))
+    run_task("preprocess", config, {}, Io.of(dataset), Tracking(parent_run_id, kfp_run, kfp_task))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -47,10 +47,10 @@ def search_op(  # noqa: ANN201
     gpus: int,
     checkpoint_root: str,
 ):
-    from guilomo.tasks import Io, Tracking, search_task
+    from guilomo.tasks import Io, Tracking, run_task
 
     tracking = Tracking(parent_run_id, kfp_run, kfp_task, gpus, checkpoint_root)
-    search_task(config, Io.of(dataset), Io.of(state), tracking)
+    run_task("search", config, {"dataset": Io.of(dataset)}, Io.of(state), tracking)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -62,20 +62,20 @@ def allocate_op(  # noqa: ANN201
     kfp_run: str,
     kfp_task: str,
 ):
-    from guilomo.tasks import Io, Tracking, allocate_task
+    from guilomo.tasks import Io, Tracking, run_task
 
-    allocate_task(
-        config, Io.of(state), Io.of(allocation), Tracking(parent_run_id, kfp_run, kfp_task)
-    )
+    tracking = Tracking(parent_run_id, kfp_run, kfp_task)
+    run_task("allocate", config, {"state": Io.of(state)}, Io.of(allocation), tracking)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def preset_op(  # noqa: ANN201
     config: dict, allocation: Output[Artifact], parent_run_id: str, kfp_run: str, kfp_task: str
 ):
-    from guilomo.tasks import Io, Tracking, allocate_task
+    from guilomo.tasks import Io, Tracking, run_task
 
-    allocate_task(config, None, Io.of(allocation), Tracking(parent_run_id, kfp_run, kfp_task))
+    tracking = Tracking(parent_run_id, kfp_run, kfp_task)
+    run_task("allocate", config, {"state": None}, Io.of(allocation), tracking)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -90,10 +90,11 @@ def sft_op(  # noqa: ANN201
     gpus: int,
     checkpoint_root: str,
 ):
-    from guilomo.tasks import Io, Tracking, sft_task
+    from guilomo.tasks import Io, Tracking, run_task
 
     tracking = Tracking(parent_run_id, kfp_run, kfp_task, gpus, checkpoint_root)
-    sft_task(config, Io.of(dataset), Io.of(allocation), Io.of(adapter), tracking)
+    inputs = {"dataset": Io.of(dataset), "allocation": Io.of(allocation)}
+    run_task("sft", config, inputs, Io.of(adapter), tracking)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -108,13 +109,11 @@ def evaluate_op(  # noqa: ANN201
     kfp_task: str,
     gpus: int,
 ):
-    from guilomo.tasks import Io, Tracking, evaluate_task
+    from guilomo.tasks import Io, Tracking, run_task
 
     tracking = Tracking(parent_run_id, kfp_run, kfp_task, gpus)
-    result = evaluate_task(config, Io.of(dataset), Io.of(adapter), Io.of(report), tracking)
-    from guilomo.stages.evaluate import report_metrics
-
-    for key, value in report_metrics(result).items():
+    inputs = {"dataset": Io.of(dataset), "adapter": Io.of(adapter)}
+    for key, value in run_task("evaluate", config, inputs, Io.of(report), tracking).items():
         metrics.log_metric(key, value)
 
 
@@ -129,13 +128,11 @@ def evaluate_base_op(  # noqa: ANN201
     kfp_task: str,
     gpus: int,
 ):
-    from guilomo.tasks import Io, Tracking, evaluate_task
+    from guilomo.tasks import Io, Tracking, run_task
 
     tracking = Tracking(parent_run_id, kfp_run, kfp_task, gpus)
-    result = evaluate_task(config, Io.of(dataset), None, Io.of(report), tracking)
-    from guilomo.stages.evaluate import report_metrics
-
-    for key, value in report_metrics(result).items():
+    inputs = {"dataset": Io.of(dataset), "adapter": None}
+    for key, value in run_task("evaluate", config, inputs, Io.of(report), tracking).items():
         metrics.log_metric(key, value)
 
 

@@ -9,7 +9,6 @@ under one parent run that this module opens and closes.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -19,35 +18,32 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .config import AllocateConfig, EvalConfig, PreprocessConfig, SearchConfig, SftConfig
-from .textfiles import read_text
+from .config import (
+    AllocateConfig,
+    EvalConfig,
+    PreprocessConfig,
+    SearchConfig,
+    SftConfig,
+    apply_overrides,
+    read_yaml,
+    validated,
+)
+from .stages import RUN_NAMES, STAGES
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO_ROOT / "pipelines" / "configs" / "demo.yaml"
-STAGE_CONFIGS: dict[str, type[BaseModel]] = {
-    "preprocess": PreprocessConfig,
-    "search": SearchConfig,
-    "allocate": AllocateConfig,
-    "sft": SftConfig,
-    "evaluate": EvalConfig,
-}
-#: Which recorded output each stage produces (the names `guilomo.tasks` logs).
-STAGE_OUTPUTS = {
-    "preprocess": "dataset",
-    "search": "state",
-    "allocate": "allocation",
-    "preset": "allocation",
-    "sft": "adapter",
-    "evaluate": "report",
-    "evaluate-base": "report",
-}
+#: The run configs shipped with the package: `--config NAME` picks `configs/NAME.yaml`.
+CONFIGS = Path(__file__).resolve().parent / "configs"
+DEMO_CONFIG = CONFIGS / "demo.yaml"
+STAGE_CONFIGS: dict[str, type[BaseModel]] = {n: s.config for n, s in STAGES.items()}
+#: Which recorded output each stage's run produces (the names `guilomo.tasks` logs).
+STAGE_OUTPUTS = {n: s.output[0] for n, s in RUN_NAMES.items()}
 RUN_CONFIG_ARTIFACT = "run_config.json"
 
 
 class RunConfig(BaseModel):
-    """One pipeline run. Stage sections take the fields of `guilomo stage NAME --help`."""
+    """One pipeline run: a typed section per stage (the fields of `guilomo stage NAME
+    --help`), the shared base model, and the DAG options."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -55,11 +51,11 @@ class RunConfig(BaseModel):
     base_model: str | None = Field(
         None, description="Base model of every stage (a stage section may still set its own)."
     )
-    preprocess: dict[str, Any] = Field(default_factory=dict)
-    search: dict[str, Any] = Field(default_factory=dict)
-    allocate: dict[str, Any] = Field(default_factory=dict)
-    sft: dict[str, Any] = Field(default_factory=dict)
-    evaluate: dict[str, Any] = Field(default_factory=dict)
+    preprocess: PreprocessConfig = PreprocessConfig()
+    search: SearchConfig = SearchConfig()
+    allocate: AllocateConfig = AllocateConfig()
+    sft: SftConfig = SftConfig()
+    evaluate: EvalConfig = EvalConfig()
     use_preset: bool = Field(False, description="Skip the search; train allocate.preset.")
     evaluate_base: bool = Field(True, description="Also evaluate the untuned base model.")
     gpu_count: int = Field(1, ge=0, description="GPUs per GPU stage (cluster runs).")
@@ -73,31 +69,49 @@ class RunConfig(BaseModel):
         "guilomo-s3", description="Kubernetes Secret with the S3 keys (cluster runs)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_base_model(cls, doc: Any) -> Any:
+        """`base_model` fills every stage section that does not set its own."""
+        if isinstance(doc, dict) and doc.get("base_model"):
+            doc = dict(doc)
+            for stage, model in STAGE_CONFIGS.items():
+                section = doc.get(stage) or {}
+                if isinstance(section, dict) and "base_model" in model.model_fields:
+                    doc[stage] = {"base_model": doc["base_model"], **section}
+        return doc
+
     @model_validator(mode="after")
     def _check_stages(self) -> RunConfig:
-        for stage, model in STAGE_CONFIGS.items():
-            section = dict(getattr(self, stage))
-            if self.base_model and "base_model" in model.model_fields:
-                section.setdefault("base_model", self.base_model)
-            try:
-                checked = model.model_validate(section)
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                where = ".".join(str(x) for x in (stage, *err["loc"]))
-                raise ValueError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
-            setattr(self, stage, checked.model_dump(mode="json"))
-        if self.use_preset and not self.allocate.get("preset"):
+        if self.use_preset and not self.allocate.preset:
             raise ValueError("use_preset is true but allocate.preset is not set (e.g. 2468)")
+        losses, prep = self.sft.losses, self.preprocess
+        types = len(prep.datasets) if prep.source == "multiple_choice" else 1
+        if losses.localized_coef > 0 and types != losses.localized_groups:
+            raise ValueError(
+                f"sft.losses.localized_coef is {losses.localized_coef}: LoRAMoE's localized "
+                f"balancing needs one task type per expert group ({losses.localized_groups}), "
+                f"and preprocess gives {types} (one per data set in preprocess.datasets); mix "
+                f"{losses.localized_groups} data sets or set sft.losses.localized_groups"
+                if types > 1
+                else f"sft.losses.localized_coef is {losses.localized_coef}, but the data has "
+                "no task types (one source): mix data sets (preprocess.datasets=[sciq,arc_easy]) "
+                "or set sft.losses.localized_coef=0"
+            )
+        problem = self.allocate.contradicts(self.search.model_dump())
+        if not self.use_preset and problem:
+            raise ValueError(f"{problem} (or set use_preset=true to train the preset)")
         return self
 
     def stage_arguments(self, stage: str) -> dict[str, Any]:
-        """A stage section as a KFP struct: null values (not allowed there) are dropped,
-        which must leave the validated config unchanged."""
-        section = _drop_none(getattr(self, stage))
-        model = STAGE_CONFIGS[stage]
-        if model.model_validate(section) != model.model_validate(getattr(self, stage)):
+        """A stage section as a KFP struct: the fields the run config sets (the stage
+        applies its own defaults, and knows which were given); null values (not allowed
+        there) are dropped, which must leave the validated config unchanged."""
+        section = getattr(self, stage)
+        plain = _drop_none(section.model_dump(mode="json", exclude_unset=True))
+        if type(section).model_validate(plain) != section:
             raise ValueError(f"{stage}: a null value overrides a default; give a value instead")
-        return section
+        return plain
 
     def pipeline_arguments(self, parent_run_id: str = "") -> dict[str, Any]:
         return {f"{s}_config": self.stage_arguments(s) for s in STAGE_CONFIGS} | {
@@ -112,23 +126,6 @@ class RunConfig(BaseModel):
         }
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping from `path`, or ValueError naming the file and what is wrong."""
-    import yaml
-
-    try:
-        doc = yaml.safe_load(read_text(path))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from None
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: a config file holds a mapping of option: value")
-    return doc
-
-
 def _drop_none(doc: Any) -> Any:
     if isinstance(doc, dict):
         return {k: _drop_none(v) for k, v in doc.items() if v is not None}
@@ -137,17 +134,14 @@ def _drop_none(doc: Any) -> Any:
     return doc
 
 
-def _set(doc: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = doc
-    for part in parents:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ValueError(f"{dotted}: {part} is not a section")
-        node = child
-    node[leaf] = value
+def config_path(text: str | Path) -> Path:
+    """A run config's path: a file, or the name of a shipped one (`demo`,
+    `llama2-7b-scienceqa`, see `CONFIGS`)."""
+    path = Path(text)
+    shipped = CONFIGS / f"{path.name.removesuffix('.yaml')}.yaml"
+    if not path.exists() and path.parent == Path(".") and shipped.is_file():
+        return shipped
+    return path
 
 
 def load_run_config(
@@ -156,28 +150,9 @@ def load_run_config(
     """The YAML at `path` (default: the demo, or `base`), then `key=value` overrides (dotted
     keys, YAML values: `sft.max_steps=10`, `use_preset=true`). Raises ValueError naming the
     file and the field."""
-    import yaml
-
     source = str(path) if path is not None else ("the base config" if base else str(DEMO_CONFIG))
-    doc = base if base is not None else read_yaml(path or DEMO_CONFIG)
-    doc = json.loads(json.dumps(doc))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{item!r}: overrides are key=value, e.g. sft.max_steps=10")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
-        _set(doc, key.strip(), value)
-    try:
-        return RunConfig.model_validate(doc)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "(config)"
-        msg = err["msg"].removeprefix("Value error, ")
-        text = f"{source}: {where}: {msg}" if where != "(config)" else f"{source}: {msg}"
-        raise ValueError(text) from None
+    doc = base if base is not None else read_yaml(config_path(path) if path else DEMO_CONFIG)
+    return validated(RunConfig, apply_overrides(doc, overrides), source)
 
 
 # ------------------------------------------------------------------ tracking set-up
@@ -268,7 +243,7 @@ def run_local(
             f"{exc}\nthe whole log: {log_path}\n--- its last lines ---\n{_tail(log_path)}"
         ) from None
     finally:
-        end_pipeline_run(parent, "FINISHED" if ok else "FAILED")
+        end_pipeline_run(parent, "FINISHED" if ok else "FAILED", summary=ok)
     return RunSummary(parent, time.monotonic() - start, stage_records(parent), uri, ok, log_path)
 
 
@@ -426,13 +401,15 @@ def lineage_tree(uri: str, _seen: dict[str, Node] | None = None) -> Node:
             [],
         )
         seen[uri] = node
-        is_source = manifest.kind == "PreparedDataset"
-        for parent in manifest.parents:
-            node.parents.append(
-                Node(parent, "source", "", "", "", "", {}, [])
-                if is_source
-                else lineage_tree(parent, seen)
-            )
+        if manifest.kind == "PreparedDataset":  # its parents are raw data, not artifacts
+            found = {s.get("path"): s for s in manifest.metadata.get("sources") or []}
+            for parent in manifest.parents:
+                src = found.get(parent, {})
+                node.parents.append(
+                    Node(parent, "source", "", src.get("digest", ""), "", "", src, [])
+                )
+        else:
+            node.parents += [lineage_tree(parent, seen) for parent in manifest.parents]
     return node
 
 
@@ -444,7 +421,10 @@ def render_lineage(node: Node, _seen: set[str] | None = None) -> list[str]:
 
     def walk(n: Node, lead: str, branch: str, more: str) -> None:
         if n.kind == "source":
-            lines.append(f"{lead}{branch}source data  {n.uri}")
+            origin = " · ".join(x for x in (n.digest, n.metadata.get("package", "")) if x)
+            lines.append(
+                f"{lead}{branch}source data  {n.uri}" + (f"  ({origin})" if origin else "")
+            )
             return
         lines.append(f"{lead}{branch}{n.kind}  {n.uri}")
         body = lead + more
@@ -456,6 +436,13 @@ def render_lineage(node: Node, _seen: set[str] | None = None) -> list[str]:
             f"{body}   stage {n.stage} · digest {n.digest} · config {n.config_hash[:16]} · "
             f"code {n.code_version}"
         )
+        base = n.metadata.get("base_model")
+        if base:
+            origin = base.get("revision") or base.get("source") or ""
+            lines.append(
+                f"{body}   base model {base['name']} · {base['digest']}"
+                + (f" · {origin}" if origin else "")
+            )
         for i, parent in enumerate(n.parents):
             last = i == len(n.parents) - 1
             walk(parent, body, "└─ " if last else "├─ ", "   " if last else "│  ")
@@ -464,16 +451,21 @@ def render_lineage(node: Node, _seen: set[str] | None = None) -> list[str]:
     return lines
 
 
-def lineage(run_ref: str, experiment: str = "guilomo") -> tuple[Any, Node]:
-    """The evaluate stage record of a pipeline run, and the lineage tree of its report."""
+def lineage(run_ref: str, experiment: str = "guilomo") -> list[tuple[Any, Node]]:
+    """The evaluate (then evaluate-base) stage records of a pipeline run, each with the
+    lineage tree of its report."""
     from .tracking import resolve_pipeline_run, stage_records
 
     parent = resolve_pipeline_run(run_ref, experiment=experiment)
-    evals = [r for r in stage_records(parent) if r.stage == "evaluate" and "report" in r.outputs]
-    if not evals:
+    records = stage_records(parent)
+    found = []
+    for stage in ("evaluate", "evaluate-base"):
+        evals = [r for r in records if r.stage == stage and "report" in r.outputs]
+        if evals:
+            found.append((evals[-1], lineage_tree(evals[-1].outputs["report"])))
+    if not found:
         raise ValueError(f"run {parent} has no finished evaluate stage to trace")
-    rec = evals[-1]
-    return rec, lineage_tree(rec.outputs["report"])
+    return found
 
 
 # ------------------------------------------------------------------ the summary table

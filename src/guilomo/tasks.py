@@ -15,6 +15,7 @@ URI (KFP's `artifact.uri`: `s3://...` on a cluster), so manifests and MLflow nam
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -87,81 +88,104 @@ def _say(msg: str) -> None:
     print(f"[guilomo] {msg}", file=sys.stderr, flush=True)
 
 
-def preprocess_task(config: dict, out: Io, tracking: Tracking) -> dict[str, Any]:
+class Progress:
+    """`on_step` for the console of a pipeline run: a line such as `sft: step 12/60, loss
+    2.41, 0.45 steps/s, 1m47s left` on the first step, then every `every` seconds and on
+    the last step (the console shows the task's `[guilomo]` lines, the log has them all)."""
+
+    def __init__(self, name: str, total: int | None, every: float = 30.0, say: Any = _say) -> None:
+        self.name, self.total, self.every, self.say = name, total, every, say
+        self.first: tuple[int, float] | None = None
+        self.last = 0.0
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        now = time.monotonic()
+        done = step == self.total
+        if self.first is not None and now - self.last < self.every and not done:
+            return
+        self.last = now
+        parts = [f"step {step}" + (f"/{self.total}" if self.total else "")]
+        parts += [f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "val_loss")]
+        if self.first is None:  # the pace is known from the second line on
+            self.first = (step, now)
+        elif step > self.first[0]:
+            rate = (step - self.first[0]) / (now - self.first[1])
+            parts.append(f"{rate:.3g} steps/s")
+            if self.total and not done:
+                left = (self.total - step) / rate
+                parts.append(f"{int(left // 60)}m{int(left % 60):02d}s left")
+        self.say(f"{self.name}: {', '.join(parts)}")
+
+
+def run_task(
+    stage: str, config: dict, inputs: dict[str, Io | None], out: Io, tracking: Tracking
+) -> dict[str, float]:
+    """Run `stage` (a name in `guilomo.stages.STAGES`) as one tracked MLflow child run: its
+    metrics, output URI and plots recorded, per-step metrics logged as it goes. A
+    checkpointed stage with `tracking.gpus` > 1 (and not yet under torchrun) runs itself
+    again under torchrun, one process per GPU of the node; rank 0 tracks and publishes."""
     from .artifacts import read_artifact
-    from .stages.preprocess import PreprocessConfig, run_preprocess
+    from .stages import STAGES, Context
 
-    cfg = PreprocessConfig.model_validate(config)
-    with tracking.tracker("preprocess", cfg, {}) as tr:
-        t0 = time.perf_counter()
-        run_preprocess(cfg, out.path, overwrite=True)
-        tr.log_metrics({COMPUTE: time.perf_counter() - t0})
-        counts = read_artifact(out.path).metadata.get("counts", {})
-        tr.log_metrics({f"rows.{k}": float(v) for k, v in counts.items()})
-        tr.log_output("dataset", out.uri)
-    _say(f"preprocess: {counts} -> {out.uri}")
-    return counts
+    spec = STAGES[stage]
+    if spec.checkpointed and _under_torchrun(stage, config, inputs, out, tracking):
+        meta = read_artifact(out.path).metadata
+        return {k: float(v) for k, v in meta.items() if isinstance(v, (int, float))}
+    from .config import validated
 
-
-def search_task(config: dict, dataset: Io, out: Io, tracking: Tracking) -> int:
-    """With `tracking.gpus` > 1 (and not yet under torchrun), the task runs itself again under
-    torchrun, one process per GPU of the node; rank 0 tracks and writes the state."""
-    if _under_torchrun("search", tracking, config=config, dataset=dataset, out=out):
-        from .artifacts import read_artifact
-
-        return int(read_artifact(out.path).metadata["steps"])
-
+    cfg = validated(spec.config, config, f"{stage} config")
+    name = spec.run_name(inputs)
+    present = {k: v for k, v in inputs.items() if v is not None}
+    if spec.checkpointed:
+        tracking = _rank_tracking(tracking)
     from .distributed import world
-    from .stages.search import SearchConfig, run_search_stage
 
-    cfg = SearchConfig.model_validate(config)
-    tracking = _rank_tracking(tracking)
-    with tracking.tracker("search", cfg, {"dataset": dataset}) as tr:
-        t0 = time.perf_counter()
-        result = run_search_stage(
-            cfg,
-            dataset=dataset.path,
-            out=out.path,
-            checkpoints=out.path.with_name(out.path.name + ".ckpt"),
-            checkpoint_uri=tracking.checkpoint_uri("search"),
-            parents=[dataset.uri],
-            on_step=lambda step, m: tr.log_metrics(m, step=step),
+    with tracking.tracker(name, cfg, present) as tr:
+        ctx = Context(
+            parents=[v.uri for v in present.values()],
+            checkpoints=out.path.with_name(out.path.name + ".ckpt") if spec.checkpointed else None,
+            checkpoint_uri=tracking.checkpoint_uri(stage) if spec.checkpointed else None,
             progress=False,
-        )
-        if world()[0] == 0:
-            tr.log_metrics({COMPUTE: time.perf_counter() - t0})
-            tr.log_output("state", out.uri)
-            tr.log_artifacts(sorted((out.path / "plots").glob("*.png")))
-    _say(f"search: {result.steps} steps (resumed from {result.resumed_from}) -> {out.uri}")
-    return result.steps
-
-
-def allocate_task(config: dict, state: Io | None, out: Io, tracking: Tracking) -> int | None:
-    """`state` None: the preset in `config` (the MoLA baseline, no search)."""
-    from .stages.allocate import AllocateConfig, run_allocate
-
-    cfg = AllocateConfig.model_validate(config)
-    inputs = {"state": state} if state is not None else {}
-    stage = "allocate" if state is not None else "preset"
-    with tracking.tracker(stage, cfg, inputs) as tr:
-        t0 = time.perf_counter()
-        alloc, params = run_allocate(
-            cfg,
-            out.path,
-            search=state.path if state else None,
             overwrite=True,
-            parents=[state.uri] if state else None,
+            say=lambda text: _say(f"{name}: {text} -> {out.uri}"),
         )
+        local = {k: v.path for k, v in present.items()}
+        progress = Progress(name, spec.planned_steps(cfg, local))
+
+        def on_step(step: int, m: dict[str, float]) -> None:
+            tr.log_metrics(m, step=step)
+            progress(step, m)
+
+        ctx.on_step = on_step
+        t0 = time.perf_counter()
+        metrics = spec.run(cfg, local, out.path, ctx)
+        if world()[0] != 0:
+            return metrics
+        if ctx.checkpoints is not None:  # pod-local; a checkpoint_root mirror stays
+            shutil.rmtree(ctx.checkpoints, ignore_errors=True)
         tr.log_metrics({COMPUTE: time.perf_counter() - t0})
-        summary = alloc.summary()
-        metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
-        if params is not None:
-            metrics["trainable_parameters"] = float(params)
-        tr.log_metrics(metrics)
-        tr.log_output("allocation", out.uri)
+        tr.log_tags(ctx.tags)
+        # an evaluation's scores also go on the adapter's LoggedModel, tied to the dataset
+        model = tr.input_models.get("adapter") if "adapter" in present else None
+        tr.log_metrics(metrics, model_id=model, dataset="dataset" if model else None)
+        output = spec.output[0]
+        tr.log_output(output, out.uri)
+        if spec.output[1] == "Adapter":
+            params = cfg.model_dump(mode="json") | {"steps": int(metrics["steps"])}
+            tr.log_model(out.uri, name=output, params=params)
         tr.log_artifacts(sorted((out.path / "plots").glob("*.png")))
-    _say(f"{stage}: {summary} -> {out.uri}")
-    return params
+        tr.log_tags(_lineage_tags(read_artifact(out.path).metadata))
+        if spec.output[1] == "EvalReport":  # the per-question predictions
+            tr.log_artifacts([out.path / "report.json"], artifact_path="report")
+    return metrics
+
+
+def _lineage_tags(meta: dict[str, Any]) -> dict[str, str]:
+    """Run tags naming the base model and the raw data (their digests and origins)."""
+    tags = {f"guilomo.base_model.{k}": v for k, v in (meta.get("base_model") or {}).items()}
+    for i, src in enumerate(meta.get("sources") or []):
+        tags |= {f"guilomo.source.{i}.{k}": v for k, v in src.items()}
+    return tags
 
 
 def torchrun_command(task: str, nproc: int, args_file: Path) -> list[str]:
@@ -179,33 +203,38 @@ def torchrun_command(task: str, nproc: int, args_file: Path) -> list[str]:
     ]
 
 
-def _under_torchrun(task: str, tracking: Tracking, **kwargs: Any) -> bool:
-    """With `tracking.gpus` > 1 and not yet under torchrun: run `task` again under torchrun,
-    one process per GPU, with the same arguments (JSON in a temporary file), and return
-    True; a failed rank fails the task. Otherwise return False: this process does the work."""
+def _under_torchrun(
+    stage: str, config: dict, inputs: dict[str, Io | None], out: Io, tracking: Tracking
+) -> bool:
+    """With `tracking.gpus` > 1 and not yet under torchrun: run the task again under
+    torchrun, one process per GPU, with the same arguments (JSON in a temporary file), and
+    return True; a failed rank fails the task. Otherwise return False: this process works."""
     if (tracking.gpus or 0) <= 1 or "WORLD_SIZE" in os.environ:
         return False
     import json
     import subprocess
     import tempfile
 
-    def plain(v: Any) -> Any:
-        if isinstance(v, Io):
-            return {"path": str(v.path), "uri": v.uri}
-        if isinstance(v, Tracking):
-            return {"tracking": v.__dict__}
-        return v
+    def io(v: Io | None) -> list[str] | None:
+        return None if v is None else [str(v.path), v.uri]
 
     nproc = int(tracking.gpus)
     with tempfile.TemporaryDirectory() as tmp:
         args_file = Path(tmp) / "args.json"
-        args = {k: plain(v) for k, v in kwargs.items()} | {"tracking": plain(tracking)}
+        args = {
+            "config": config,
+            "inputs": {k: io(v) for k, v in inputs.items()},
+            "out": io(out),
+            "tracking": tracking.__dict__,
+        }
         args_file.write_text(json.dumps(args))
-        cmd = torchrun_command(task, nproc, args_file)
-        _say(f"{task}: {nproc} processes: {' '.join(cmd)}")
+        cmd = torchrun_command(stage, nproc, args_file)
+        _say(f"{stage}: {nproc} processes: {' '.join(cmd)}")
         code = subprocess.run(cmd, check=False).returncode
     if code != 0:
-        raise RuntimeError(f"{task} under torchrun failed with exit code {code}; see the log above")
+        raise RuntimeError(
+            f"{stage} under torchrun failed with exit code {code}; see the log above"
+        )
     return True
 
 
@@ -220,102 +249,17 @@ def _rank_tracking(tracking: Tracking) -> Tracking:
 def _from_args_file(path: Path) -> dict[str, Any]:
     import json
 
-    def typed(v: Any) -> Any:
-        if isinstance(v, dict) and set(v) == {"path", "uri"}:
-            return Io(Path(v["path"]), v["uri"])
-        if isinstance(v, dict) and set(v) == {"tracking"}:
-            return Tracking(**v["tracking"])
-        return v
+    def io(v: list[str] | None) -> Io | None:
+        return None if v is None else Io(Path(v[0]), v[1])
 
-    return {k: typed(v) for k, v in json.loads(Path(path).read_text()).items()}
+    args = json.loads(Path(path).read_text())
+    return {
+        "config": args["config"],
+        "inputs": {k: io(v) for k, v in args["inputs"].items()},
+        "out": io(args["out"]),
+        "tracking": Tracking(**args["tracking"]),
+    }
 
-
-def sft_task(config: dict, dataset: Io, allocation: Io, out: Io, tracking: Tracking) -> float:
-    """With `tracking.gpus` > 1 (and not yet under torchrun), the task runs itself again under
-    torchrun, one process per GPU of the node (DDP); rank 0 tracks and writes the adapter."""
-    import tempfile
-
-    from .artifacts import read_artifact
-
-    if _under_torchrun(
-        "sft", tracking, config=config, dataset=dataset, allocation=allocation, out=out
-    ):
-        return float(read_artifact(out.path).metadata["final_loss"])
-
-    from .artifacts.allocation import read_allocation
-    from .distributed import world
-    from .plots import loss_curve
-    from .stages.sft import SftConfig, run_sft
-
-    cfg = SftConfig.model_validate(config)
-    tracking = _rank_tracking(tracking)
-    with tracking.tracker("sft", cfg, {"dataset": dataset, "allocation": allocation}) as tr:
-        t0 = time.perf_counter()
-        result = run_sft(
-            cfg,
-            dataset=dataset.path,
-            allocation=read_allocation(allocation.path),
-            out=out.path,
-            checkpoints=out.path.with_name(out.path.name + ".ckpt"),
-            checkpoint_uri=tracking.checkpoint_uri("sft"),
-            parents=[dataset.uri, allocation.uri],
-            on_step=lambda step, m: tr.log_metrics(m, step=step),
-            progress=False,
-        )
-        if world()[0] == 0:
-            tr.log_metrics(
-                {
-                    "final_loss": result.losses[-1],
-                    "tokens_per_second": result.tokens_per_second,
-                    COMPUTE: time.perf_counter() - t0,
-                }
-            )
-            tr.log_output("adapter", out.uri)
-            tr.log_model(out.uri, name="adapter", params={"steps": result.steps})
-            with tempfile.TemporaryDirectory() as tmp:
-                tr.log_artifacts([loss_curve(result.losses, Path(tmp) / "sft_loss.png")])
-    _say(f"sft: {result.steps} steps, final loss {result.losses[-1]:.4f} -> {out.uri}")
-    return result.losses[-1]
-
-
-def evaluate_task(
-    config: dict, dataset: Io, adapter: Io | None, out: Io, tracking: Tracking
-) -> dict[str, Any]:
-    """`adapter` None: the untuned base model (the baseline row)."""
-    import tempfile
-
-    from .plots import expert_load
-    from .stages.evaluate import EvalConfig, headline, report_metrics, run_evaluate
-
-    cfg = EvalConfig.model_validate(config)
-    inputs = {"dataset": dataset} | ({"adapter": adapter} if adapter is not None else {})
-    stage = "evaluate" if adapter is not None else "evaluate-base"
-    with tracking.tracker(stage, cfg, inputs) as tr:
-        t0 = time.perf_counter()
-        report = run_evaluate(
-            cfg,
-            dataset=dataset.path,
-            out=out.path,
-            adapter=adapter.path if adapter is not None else None,
-            parents=[v.uri for v in inputs.values()],
-            progress=False,
-        )
-        tr.log_metrics({COMPUTE: time.perf_counter() - t0})
-        tr.log_tags({"guilomo.formulation": report["formulation"]})
-        # the score also on the adapter's LoggedModel, tied to the dataset's digest
-        metrics = report_metrics(report)
-        tr.log_metrics(metrics, model_id=tr.input_models.get("adapter"), dataset="dataset")
-        tr.log_output("report", out.uri)
-        if report.get("expert_load"):
-            with tempfile.TemporaryDirectory() as tmp:
-                tr.log_artifacts(
-                    [expert_load(report["expert_load"], Path(tmp) / "expert_load.png")]
-                )
-    _say(f"{stage}: {headline(report)} -> {out.uri}")
-    return report
-
-
-TASKS = {"search": search_task, "sft": sft_task}
 
 if __name__ == "__main__":  # one rank of `torchrun_command`
-    TASKS[sys.argv[1]](**_from_args_file(Path(sys.argv[2])))
+    run_task(sys.argv[1], **_from_args_file(Path(sys.argv[2])))

@@ -21,7 +21,7 @@ What lands in MLflow, per child run:
 * params: the stage config flattened with dots (`lora.rank`);
 * one MLflow dataset input per input artifact: name = input name, source = the artifact URI
   (MLflow's `{"uri": ...}` source JSON, source type `s3` or `local`), digest = the manifest
-  digest cut to MLflow's 36-character limit (`DATASET_DIGEST_CHARS`), profile = the full
+  digest's first 32 characters (`DATASET_DIGEST_CHARS`; MLflow keeps 36), profile = the full
   digest, kind, producing stage and code version; input tags `mlflow.data.context` = name and
   `guilomo.uri` = URI. (MLflow stores one dataset per experiment, name and digest, so the same
   content met again at another URI shows its first source; the run tags and the input tag
@@ -301,6 +301,15 @@ def _code_version() -> str:
     return code_version()
 
 
+def _code_tags() -> dict[str, str]:
+    """guilomo.code_version, and MLflow's git commit tag when running from a checkout."""
+    version = _code_version()
+    tags = {"guilomo.code_version": version}
+    if "+g" in version:
+        tags["mlflow.source.git.commit"] = version.split("+g", 1)[1]
+    return tags
+
+
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     """The id of experiment `name`, created if missing. For a sqlite store its artifacts go
     next to the database (`<db folder>/mlartifacts`), not into the working directory."""
@@ -343,7 +352,7 @@ def start_pipeline_run(
     check_reachable(uri)
     client = _client(uri)
     exp_id = _experiment_id(client, uri, experiment)
-    all_tags = _tags({**tags, "guilomo.kind": "pipeline", "guilomo.code_version": _code_version()})
+    all_tags = _tags({**tags, "guilomo.kind": "pipeline", **_code_tags()})
     run = _call(
         "creating the pipeline run", uri, client.create_run, exp_id, run_name=run_name, tags={}
     )
@@ -352,14 +361,28 @@ def start_pipeline_run(
     return run.info.run_id
 
 
-def end_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
-    """Close the parent run with `status` (FINISHED, FAILED or KILLED); "" does nothing."""
+def end_pipeline_run(run_id: str, status: str = "FINISHED", *, summary: bool = False) -> None:
+    """Close the parent run with `status` (FINISHED, FAILED or KILLED); "" does nothing.
+    `summary`: first copy every stage's final metrics onto it as `<stage>.<metric>`, so
+    MLflow's compare view shows each pipeline run's numbers."""
     if not run_id:
         return
     if status not in RUN_STATUSES:
         raise TrackingError(f"run status {status!r}: use one of {', '.join(RUN_STATUSES)}")
     uri = _require_uri(None)
-    _call("ending the pipeline run", uri, _client(uri).set_terminated, run_id, status=status)
+    client = _client(uri)
+    if summary:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(_key(f"{r.stage}.{k}"), float(v), now, 0)
+            for r in stage_records(run_id)
+            for k, v in r.metrics.items()
+        ]
+        for chunk in _chunks(metrics, _METRIC_BATCH):
+            _call("logging the pipeline's metrics", uri, client.log_batch, run_id, metrics=chunk)
+    _call("ending the pipeline run", uri, client.set_terminated, run_id, status=status)
 
 
 # -- one stage ----------------------------------------------------------------------------
@@ -415,7 +438,7 @@ class StageTracker:
             "mlflow.parentRunId": self.parent_run_id,
             "guilomo.kind": "stage",
             "guilomo.stage": self.stage,
-            "guilomo.code_version": _code_version(),
+            **_code_tags(),
         }
         for name, u in inputs.items():
             tags[f"guilomo.input.{name}"] = u

@@ -19,7 +19,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -64,6 +64,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def tree_digest(path: Path, keep: Callable[[Path], bool] | None = None) -> str:
+    """`sha256:` + the sha256 of the relative names and sha256s of the files under `path`
+    (those `keep` accepts), or of the file `path` itself: an identity for raw data and
+    model weights that are not artifacts."""
+    path = Path(path)
+    if path.is_file():
+        return "sha256:" + sha256_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and (keep is None or keep(p)))
+    lines = "".join(f"{p.relative_to(path).as_posix()}\t{sha256_file(p)}\n" for p in files)
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
 
 
 def config_hash(config: BaseModel | Mapping[str, Any] | None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,10 @@ def write_report(
     metadata: Mapping[str, Any],
     config: BaseModel,
     parents: Sequence[str] = (),
+    extra: Callable[[Path], object] | None = None,
 ) -> Path:
-    """Publish `report` at `out` (replacing an earlier report there)."""
+    """Publish `report` at `out` (replacing an earlier report there); `extra(folder)` adds
+    files (plots) to the payload."""
     with ArtifactWriter(
         out,
         kind=KIND,
@@ -36,6 +38,8 @@ def write_report(
         overwrite=True,
     ) as tmp:
         (tmp / FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        if extra is not None:
+            extra(tmp)
     return Path(out)
 
 

@@ -22,6 +22,7 @@ from ..moe.config import (
 )
 from ..moe.search import allocation_parameters, extract_allocation, preset_parameters
 from ..textfiles import read_text
+from . import Context, Metrics
 
 _PREFIXES = ("base_model.model.",)  # PEFT-style wrapping in the reference's module names
 _RANK_KEY = re.compile(r"^(?P<module>.+)\.expertlora_E_vector_(?P<j>\d+)$")
@@ -190,6 +191,9 @@ def run_allocate(
 
         read_artifact(search, kind=SEARCH_STATE)
         doc, _ = read_state(search)
+        problem = config.contradicts({"placement": "all"} | doc["config"])
+        if problem:
+            raise AllocationInputError(problem.replace("search.", "the search's "))
         shapes = {n: tuple(s) for n, s in doc["shapes"].items()}
         budget = config.budget
         if config.budget_like is not None:
@@ -243,3 +247,27 @@ def run_allocate(
         extra=lambda folder: allocation_heatmaps(alloc, folder / "plots"),
     )
     return alloc, allocation_parameters(alloc, shapes) if shapes else None
+
+
+def run(config: AllocateConfig, inputs: dict, out: Path, context: Context) -> Metrics:
+    reference = None
+    if config.reference_expert is not None:
+        reference = (Path(config.reference_expert), Path(config.reference_rank))
+    alloc, params = run_allocate(
+        config,
+        out,
+        search=inputs.get("state"),
+        reference=reference,
+        overwrite=context.overwrite,
+        parents=list(context.parents) or None,
+    )
+    s = alloc.summary()
+    metrics = {k: float(v) for k, v in s.items() if isinstance(v, (int, float))}
+    if params is None:
+        context.say(f"{s}")
+        return metrics
+    context.say(
+        f"{s['modules']} modules, {s['experts']} experts, total rank {s['total_rank']}, "
+        f"{params:,} trainable parameters"
+    )
+    return metrics | {"trainable_parameters": float(params)}

@@ -35,6 +35,7 @@ from ..config import EvalConfig
 from ..data.formulations import LETTERS, Formulation, scored_pairs
 from ..evalstats import summarise, wilson_interval
 from ..scoring import encode, encode_pair, loglikelihoods, model_device, pad_id
+from . import Context, Metrics
 
 __all__ = [
     "ANSWER_PATTERN",
@@ -387,8 +388,11 @@ def run_evaluate(
     records = read_split(Path(dataset), config.split)
     if adapter is not None:
         check_adapter(adapter)  # before the (slow) model load
+    base = None  # the base model's identity, when this stage loads it
     if model is None or tokenizer is None:
-        from ..models import default_device, load_model
+        from ..models import default_device, load_model, model_identity
+
+        base = model_identity(config.base_model)
 
         model, tokenizer = load_model(config.base_model, device=default_device())
     moe = None
@@ -415,11 +419,18 @@ def run_evaluate(
         "total": report["total"],
         "majority_baseline": report["majority_baseline"]["accuracy"],
         "adapter": adapter is not None,
-    }
+    } | ({"base_model": base} if base else {})
     for key in ("acc_norm", "failures"):
         if key in report:
             meta[key] = report[key]
-    write_report(out, report, metadata=meta, config=config, parents=parents)
+
+    def plots(folder: Path) -> None:
+        if report.get("expert_load"):
+            from ..plots import expert_load
+
+            expert_load(report["expert_load"], folder / "plots" / "expert_load.png")
+
+    write_report(out, report, metadata=meta, config=config, parents=parents, extra=plots)
     return report
 
 
@@ -456,3 +467,17 @@ def headline(report: Mapping[str, Any]) -> str:
         text += f", no answer {report['failures']}"
     base = report["majority_baseline"]
     return text + f"; always '{base['answer']}': {base['accuracy']:.1%}"
+
+
+def run(config: EvalConfig, inputs: dict, out: Path, context: Context) -> Metrics:
+    report = run_evaluate(
+        config,
+        dataset=inputs["dataset"],
+        out=out,
+        adapter=inputs.get("adapter"),
+        parents=context.parents,
+        progress=context.progress,
+    )
+    context.tags["guilomo.formulation"] = report["formulation"]
+    context.say(headline(report))
+    return report_metrics(report)

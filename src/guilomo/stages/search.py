@@ -56,10 +56,8 @@ from ..moe.search import (
     size_range,
 )
 from ..remote import mirror_checkpoints
+from . import Context, Metrics, StepHook
 from .bilevel import Batch, BilevelSearch, SizeControl
-
-#: `on_step(step, metrics)`: steps done so far (1-based) and that step's losses.
-StepHook = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
@@ -363,8 +361,11 @@ def run_search_stage(
 
     train_records = read_split(Path(dataset), "train")
     val_records = read_split(Path(dataset), "validation")
+    base = None  # the base model's identity, when this stage loads it
     if model is None:
-        from ..models import default_device, load_model
+        from ..models import default_device, load_model, model_identity
+
+        base = model_identity(config.base_model)
 
         model, tokenizer = load_model(config.base_model, device=default_device())
     device = next(model.parameters()).device
@@ -383,7 +384,7 @@ def run_search_stage(
         "steps": result.steps,
         "modules": len(run.shapes),
         "final_val_loss": result.losses[-1]["val_loss"] if result.losses else None,
-    }
+    } | ({"base_model": base} if base else {})
     publish_state(
         out,
         Path(checkpoints),
@@ -394,3 +395,18 @@ def run_search_stage(
     )
     result.out_dir = Path(out)
     return result
+
+
+def planned_steps(config: SearchConfig, inputs: dict) -> int:
+    return config.steps
+
+
+def run(config: SearchConfig, inputs: dict, out: Path, context: Context) -> Metrics:
+    r = run_search_stage(
+        config,
+        dataset=inputs["dataset"],
+        out=out,
+        **context.training(),
+    )
+    context.say(f"{r.steps} steps (resumed from {r.resumed_from})")
+    return {"steps": float(r.steps)}  # the losses are per-step metrics (on_step)

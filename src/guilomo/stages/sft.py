@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..artifacts import config_hash
 from ..artifacts.adapter import write_adapter
-from ..artifacts.prepared import read_split
+from ..artifacts.prepared import dataset_info, read_split
 from ..checkpoint import load_optimizer_state, optimizer_state, optimizer_state_dict
 from ..config import SftConfig
 from ..data.prompts import collate, length_grouped_batches, tokenize_example
@@ -44,6 +44,7 @@ from ..distributed import all_reduce_sum, barrier, step_seed, world
 from ..moe.config import Allocation, MoeConfig
 from ..moe.model import MoeAdapter, inject_adapter
 from ..remote import mirror_checkpoints
+from . import Context, Metrics, StepHook
 from .bilevel import linear_schedule
 
 if TYPE_CHECKING:
@@ -52,9 +53,6 @@ if TYPE_CHECKING:
 CKPT_TENSORS = "trainer_state.safetensors"
 CKPT_JSON = "trainer_state.json"
 ADAPTER_TENSORS = "adapter_model.safetensors"
-
-#: `on_step(step, metrics)`: the optimiser steps done so far (1-based) and that step's metrics.
-StepHook = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
@@ -180,6 +178,15 @@ class SftTrainer:
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
+        #: each example's task type, for LoRAMoE's localized balancing (None: not used)
+        self.task_types = None
+        if config.losses.localized_coef > 0:
+            self.task_types = [int(r.get("task_type", -1)) for r in records]
+            if min(self.task_types) < 0:
+                raise ValueError(
+                    "losses.localized_coef > 0 needs each record's task_type: preprocess the "
+                    "data again (it records one per data set)"
+                )
         self.model = model
         torch.manual_seed(config.seed)  # fresh adapter weights, the same on every process
         moe = MoeConfig(
@@ -350,6 +357,9 @@ class SftTrainer:
                     k: v.to(device)
                     for k, v in collate([self.examples[i] for i in idx], self.pad_id).items()
                 }
+                if self.task_types is not None:
+                    types = [self.task_types[i] for i in idx]
+                    self.adapter.set_task_types(torch.tensor(types, device=device))
                 out = self.model(**batch)
                 aux = self.adapter.aux_loss()
                 loss = out.loss if aux is None else out.loss + aux
@@ -375,7 +385,8 @@ class SftTrainer:
             if on_step is not None and self.rank == 0:
                 step_rate = step_tokens * self.world / max(time.perf_counter() - t_step, 1e-9)
                 on_step(
-                    self.step, {"loss": self.losses[-1], "lr": lr, "tokens_per_second": step_rate}
+                    self.step,
+                    {"loss": self.losses[-1], "lr": lr, "step_tokens_per_second": step_rate},
                 )
             if ckpt_dir is not None and (
                 self.step % self.config.checkpoint_every == 0 or self.step == end
@@ -391,6 +402,26 @@ class SftTrainer:
             resumed_from=start,
             losses=self.losses,
             tokens_per_second=tokens * self.world / elapsed,
+        )
+
+
+def check_task_types(config: SftConfig, info: dict, dataset: Path) -> None:
+    """LoRAMoE's localized balancing needs a task type per record, one per expert group."""
+    losses = config.losses
+    if losses.localized_coef == 0:
+        return
+    types = info.get("task_types") or []
+    if len(types) < 2:
+        raise ValueError(
+            f"losses.localized_coef is {losses.localized_coef}, but {dataset} has "
+            f"{len(types)} task type(s) {types}: localized balancing needs data from two or "
+            "more sources (e.g. preprocess datasets=[sciq,arc_easy]), or set "
+            "losses.localized_coef=0"
+        )
+    if len(types) != losses.localized_groups:
+        raise ValueError(
+            f"losses.localized_groups is {losses.localized_groups}, but {dataset} has "
+            f"{len(types)} task types {types}: set losses.localized_groups={len(types)}"
         )
 
 
@@ -416,13 +447,18 @@ def run_sft(
             `checkpoints` folder: pulled before training (resume), pushed after every save.
         parents: the URIs of the dataset and allocation, recorded in the manifest.
         on_step: called on rank 0 after every optimiser step with the step number (1-based)
-            and `{"loss", "lr", "tokens_per_second"}` of that step.
+            and `{"loss", "lr", "step_tokens_per_second"}` of that step (the run's average is
+            `tokens_per_second`, a metric of its own).
     """
     if checkpoint_uri is not None and checkpoints is None:
         raise ValueError("checkpoint_uri mirrors a local folder: give `checkpoints` as well")
     records = read_split(Path(dataset), "train")
+    check_task_types(config, dataset_info(Path(dataset)), dataset)
+    base = None  # the base model's identity, when this stage loads it
     if model is None:
-        from ..models import default_device, load_model
+        from ..models import default_device, load_model, model_identity
+
+        base = model_identity(config.base_model)
 
         device = default_device()
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
@@ -455,13 +491,44 @@ def run_sft(
         "final_loss": result.losses[-1] if result.losses else None,
         "trainable_parameters": trainer.adapter.num_parameters(),
         "tokens_per_second": round(result.tokens_per_second, 1),
-    }
+    } | ({"base_model": base} if base else {})
+    from ..plots import loss_curve
+
+    def save(folder: Path) -> None:
+        trainer.adapter.save(folder, weights)
+        loss_curve(result.losses, folder / "plots" / "sft_loss.png")
+
     write_adapter(
         out,
-        lambda folder: trainer.adapter.save(folder, weights),
+        save,
         losses=result.losses,
         metadata=meta,
         config=config,
         parents=parents,
     )
     return result
+
+
+def planned_steps(config: SftConfig, inputs: dict) -> int:
+    return total_steps(len(read_split(inputs["dataset"], "train")), config)
+
+
+def run(config: SftConfig, inputs: dict, out: Path, context: Context) -> Metrics:
+    from ..artifacts.allocation import read_allocation
+
+    r = run_sft(
+        config,
+        dataset=inputs["dataset"],
+        allocation=read_allocation(inputs["allocation"]),
+        out=out,
+        **context.training(),
+    )
+    context.say(
+        f"{r.steps} steps (resumed from {r.resumed_from}), final loss {r.losses[-1]:.4f}, "
+        f"{r.tokens_per_second:,.0f} tokens/s"
+    )
+    return {
+        "steps": float(r.steps),
+        "final_loss": r.losses[-1],
+        "tokens_per_second": r.tokens_per_second,
+    }
