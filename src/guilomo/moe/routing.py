@@ -150,8 +150,7 @@ class Router(nn.Module):
             )
         q = count_probs.to(acc)
         e = logits.shape[1]
-        counts = torch.arange(1, e + 1, dtype=acc, device=q.device)
-        active = (q * counts).sum()
+        active = q @ self._counts(e, q)  # E[n]
         if cfg.kind == "topk":  # every count at once: (M, N, E) for the M counts >= top_k
             return self._expected_topk(logits, q, active)
         weights = probs = selected = None
@@ -172,43 +171,72 @@ class Router(nn.Module):
     ) -> Routing:
         """sum_n q_n TopK(softmax over experts 1..n), n = top_k..E, in one batched pass.
 
-        The logits are masked once per count into (tokens, counts, experts). The renormalised
-        top-k weights of a softmax are the softmax of the k largest logits, so top-k needs no
-        softmax over all experts, and the k picks of every count are scatter-added into one
-        (tokens, experts) tensor. The expected probabilities (for the balance loss) are
-        e_i * sum_{n > i} q_n / S_n with e = exp(logits - max) and S_n the sum of the first n
-        of them: one product with a triangular 0/1 matrix (q_n = 0 below top_k, as
-        `count_probs` folds it), five times cheaper on CPU than a (tokens, counts, experts)
-        softmax. In fp64 with the exponent clamped at -700, so a prefix whose logits all lie
-        far below the maximum cannot underflow to 0 / 0 (beyond 700 its experts count as
-        equal, where fp32 would give NaN)."""
+        Each count's picks come from the logits masked once per count into (tokens, counts,
+        experts), without gradient; the picked logits are then gathered from (tokens,
+        experts). The renormalised top-k weights of a softmax are the softmax of the k largest
+        logits (for k = 2 the sigmoid of their gap), so top-k needs no softmax over all
+        experts, and the k picks of every count are scatter-added into one (tokens, experts)
+        tensor. The expected probabilities (for the balance loss) are
+        e_i * sum_{n >= i} q_n / S_n with e = exp(logits - max) and S_n the sum of the first
+        n of them (q_n = 0 below top_k, as `count_probs` folds it): one product with a
+        triangular 0/1 matrix, five times cheaper on CPU than a (tokens, counts, experts)
+        softmax. In fp64 with the
+        exponent clamped at -700, so a prefix whose logits all lie far below the maximum
+        cannot underflow to 0 / 0 (beyond 700 its experts count as equal, where fp32 would
+        give NaN)."""
         k, (n, e) = self.top_k, logits.shape
-        beyond, upper = self._prefix_masks(e, logits.device)
-        masked = logits[:, None, :].masked_fill(beyond, float("-inf"))
+        beyond = self._beyond(e, logits.device)
         qm = q[k - 1 :, None]  # (M, 1): q_n of each count n = top_k..E
-        top_l, top_i = masked.topk(k, -1)  # (N, M, k)
-        top_w = (torch.ones_like(top_l) if k == 1 else top_l.softmax(-1)) * qm
+        with torch.no_grad():  # which experts: no gradient; their logits are gathered below
+            masked = logits.detach()[:, None, :].masked_fill(beyond, float("-inf"))
+            top_i = masked.topk(k, -1).indices  # (N, M, k), each count's picks, sorted
+        # the picked logits straight from (N, E): the backward is one small scatter-add
+        # instead of a (tokens, counts, experts) scatter, masked fill and sum
+        top_l = logits.gather(1, top_i.reshape(n, -1)).view(n, -1, k)  # (N, M, k)
+        if k == 1:
+            top_w = torch.ones_like(top_l) * qm
+        elif k == 2:  # the softmax of two sorted logits: sigmoid of their gap (one cheap op)
+            s = torch.sigmoid(top_l[..., :1] - top_l[..., 1:]) * qm  # (N, M, 1)
+            top_w = torch.cat([s, qm - s], -1)
+        else:
+            top_w = top_l.softmax(-1) * qm
         weights = torch.zeros_like(logits).scatter_add(
             1, top_i.reshape(n, -1), top_w.reshape(n, -1)
         )  # (N, E)
-        shifted = (logits - logits.max(-1, keepdim=True).values.detach()).double()
+        top = top_l[:, -1, :1].detach()  # the largest logit: count E's first pick
+        shifted = (logits - top).double()
         ex = shifted.clamp_min(-700.0).exp()  # (N, E)
-        probs = (ex * ((q.double() / ex.cumsum(-1)) @ upper)).to(q.dtype)
+        r = q.double() / ex.cumsum(-1)  # (N, E): q_n / S_n
+        # sum_{n >= i} r_n, by a triangular 0/1 matrix (a total minus a prefix sum would
+        # cancel catastrophically where an early S_n is tiny; flip-cumsum-flip is slower)
+        probs = (ex * (r @ self._upper(e, logits.device))).to(q.dtype)
         # every count has q_n > 0 (a softmax), so an expert some count picks has weight > 0
         return Routing(
             weights=weights, selected=weights > 0, logits=logits, probs=probs, active=active
         )
 
-    def _prefix_masks(self, e: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, E) True beyond the first n experts, for the M counts n = top_k..E, and the
-        (E, E) fp64 0/1 matrix U[n, i] = 1 where count n + 1 includes expert i (cached)."""
-        if getattr(self, "_masks_key", None) != (e, device):
-            counts = torch.arange(self.top_k, e + 1, device=device)
+    def _counts(self, e: int, q: torch.Tensor) -> torch.Tensor:
+        """(E,) the counts 1..E in q's dtype (cached)."""
+        if getattr(self, "_counts_key", None) != (e, q.dtype, q.device):
+            self._counts_cache = torch.arange(1, e + 1, dtype=q.dtype, device=q.device)
+            self._counts_key = (e, q.dtype, q.device)
+        return self._counts_cache
+
+    def _upper(self, e: int, device: torch.device) -> torch.Tensor:
+        """(E, E) fp64 0/1 matrix U[n, i] = 1 where count n + 1 includes expert i (cached)."""
+        if getattr(self, "_upper_key", None) != (e, device):
             experts = torch.arange(e, device=device)
-            beyond = experts[None, :] >= counts[:, None]
-            upper = (experts[:, None] >= experts[None, :]).double()
-            self._masks, self._masks_key = (beyond, upper), (e, device)
-        return self._masks
+            self._upper_mask = (experts[:, None] >= experts[None, :]).double()
+            self._upper_key = (e, device)
+        return self._upper_mask
+
+    def _beyond(self, e: int, device: torch.device) -> torch.Tensor:
+        """(M, E) True beyond the first n experts, for the M counts n = top_k..E (cached)."""
+        if getattr(self, "_beyond_key", None) != (e, device):
+            counts = torch.arange(self.top_k, e + 1, device=device)
+            self._beyond_mask = torch.arange(e, device=device)[None, :] >= counts[:, None]
+            self._beyond_key = (e, device)
+        return self._beyond_mask
 
     def _rule(
         self, probs: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor | None
