@@ -216,17 +216,7 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="guilomo",
-        description=(
-            "Fine-tune causal LMs with LoRA mixtures of experts whose expert counts and ranks "
-            "are searched (GuiLoMo)."
-        ),
-    )
-    parser.add_argument("--version", action="version", version=f"guilomo {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
         "demo",
         help="train a LoRA-MoE adapter end to end on a tiny model (about 25 s on 2 CPU cores)",
@@ -256,21 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rank", type=_positive, default=8, help="rank of every expert")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
-    _add_stage_parsers(sub)
-    from .cli_runs import add_run_parsers
-    from .images import add_image_parsers
 
-    add_run_parsers(sub)
-    add_image_parsers(sub)
-    comp = sub.add_parser(
-        "compile",
-        help="write the KFP component and pipeline YAML",
-        description="Compile one Kubeflow Pipelines component per stage to ROOT/components/ and "
-        "the whole DAG to ROOT/pipelines/guilomo.yaml (the committed copies are checked by a test).",
-    )
-    comp.add_argument("--root", type=Path, default=Path("."), help="repository root (default: .)")
-    comp.set_defaults(func=_compile)
 
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     class _CompareFormatter(
         argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter
     ):
@@ -309,6 +287,36 @@ A and B apart.
     compare.add_argument("--resamples", type=_positive, default=10000, help="bootstrap resamples")
     compare.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     compare.set_defaults(func=_compare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guilomo",
+        description=(
+            "Fine-tune causal LMs with LoRA mixtures of experts whose expert counts and ranks "
+            "are searched (GuiLoMo)."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"guilomo {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_demo_parser(sub)
+    _add_stage_parsers(sub)
+    from .cli_runs import add_run_parsers
+    from .images import add_image_parsers
+
+    add_run_parsers(sub)
+    add_image_parsers(sub)
+    comp = sub.add_parser(
+        "compile",
+        help="write the KFP component and pipeline YAML",
+        description="Compile one Kubeflow Pipelines component per stage to ROOT/components/ and "
+        "the whole DAG to ROOT/pipelines/guilomo.yaml (the committed copies are checked by a test).",
+    )
+    comp.add_argument("--root", type=Path, default=Path("."), help="repository root (default: .)")
+    comp.set_defaults(func=_compile)
+
+    _add_compare_parser(sub)
     return parser
 
 

@@ -106,8 +106,16 @@ def _lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+_ROOT_HELP = "local folder for artifacts (kfp/) and the MLflow sqlite store (mlflow.db)"
+
+
 def add_run_parsers(sub: argparse._SubParsersAction) -> None:
-    root_help = "local folder for artifacts (kfp/) and the MLflow sqlite store (mlflow.db)"
+    """`guilomo run`, `submit`, `rerun` and `lineage`."""
+    for add in (_add_run, _add_submit, _add_rerun, _add_lineage):
+        add(sub)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser(
         "run",
         help="run the whole pipeline on this machine (the demo when given no config)",
@@ -119,11 +127,13 @@ def add_run_parsers(sub: argparse._SubParsersAction) -> None:
         ),
     )
     run.add_argument("--config", type=Path, help=_CONFIG_HELP)
-    run.add_argument("--root", type=Path, default=Path("runs/pipeline"), help=root_help)
+    run.add_argument("--root", type=Path, default=Path("runs/pipeline"), help=_ROOT_HELP)
     run.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
     run.set_defaults(func=_run)
 
+
+def _add_submit(sub: argparse._SubParsersAction) -> None:
     submit = sub.add_parser(
         "submit",
         help="compile the pipeline and submit it to a Kubeflow Pipelines endpoint",
@@ -159,6 +169,8 @@ def add_run_parsers(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
     submit.set_defaults(func=_submit)
 
+
+def _add_rerun(sub: argparse._SubParsersAction) -> None:
     rerun = sub.add_parser(
         "rerun",
         help="rerun one stage and everything downstream, reusing an earlier run's artifacts",
@@ -174,23 +186,26 @@ def add_run_parsers(sub: argparse._SubParsersAction) -> None:
         "--from", dest="from_run", required=True, metavar="RUN", help="MLflow parent run id or name"
     )
     rerun.add_argument("--config", type=Path, help="run config YAML (default: the earlier run's)")
-    rerun.add_argument("--root", type=Path, default=Path("runs/pipeline"), help=root_help)
+    rerun.add_argument("--root", type=Path, default=Path("runs/pipeline"), help=_ROOT_HELP)
     rerun.add_argument("--host", help="submit to this KFP endpoint instead of running locally")
     rerun.add_argument("--experiment", default="guilomo", help="MLflow experiment of RUN's name")
     rerun.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     rerun.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
     rerun.set_defaults(func=_rerun)
 
+
+def _add_lineage(sub: argparse._SubParsersAction) -> None:
     lin = sub.add_parser(
         "lineage",
         help="trace a run's evaluation score back to its dataset digest",
         description=(
-            "Print the chain from RUN's evaluation score to the data it came from: every "
+            "Print, for RUN's evaluation and its evaluation of the base model, the chain from "
+            "the score to the data and the base model it came from: every "
             "artifact's URI, kind, digest, config hash and code version, read from the "
             "artifacts' manifests."
         ),
     )
     lin.add_argument("run", metavar="RUN", help="MLflow parent run id or name")
-    lin.add_argument("--root", type=Path, default=Path("runs/pipeline"), help=root_help)
+    lin.add_argument("--root", type=Path, default=Path("runs/pipeline"), help=_ROOT_HELP)
     lin.add_argument("--experiment", default="guilomo", help="MLflow experiment of RUN's name")
     lin.set_defaults(func=_lineage)

@@ -164,20 +164,30 @@ def run_task(
         if ctx.checkpoints is not None:  # pod-local; a checkpoint_root mirror stays
             shutil.rmtree(ctx.checkpoints, ignore_errors=True)
         tr.log_metrics({COMPUTE: time.perf_counter() - t0})
-        tr.log_tags(ctx.tags)
-        # an evaluation's scores also go on the adapter's LoggedModel, tied to the dataset
-        model = tr.input_models.get("adapter") if "adapter" in present else None
-        tr.log_metrics(metrics, model_id=model, dataset="dataset" if model else None)
-        output = spec.output[0]
-        tr.log_output(output, out.uri)
-        if spec.output[1] == "Adapter":
-            params = cfg.model_dump(mode="json") | {"steps": int(metrics["steps"])}
-            tr.log_model(out.uri, name=output, params=params)
-        tr.log_artifacts(sorted((out.path / "plots").glob("*.png")))
-        tr.log_tags(_lineage_tags(read_artifact(out.path).metadata))
-        if spec.output[1] == "EvalReport":  # the per-question predictions
-            tr.log_artifacts([out.path / "report.json"], artifact_path="report")
+        _record(tr, spec, cfg, metrics, out, ctx, "adapter" in present)
     return metrics
+
+
+def _record(
+    tr: StageTracker, spec: Any, cfg: Any, metrics: dict, out: Io, ctx: Any, adapted: bool
+) -> None:
+    """What a finished stage leaves on its MLflow run: its tags and metrics (an evaluation's
+    also on the adapter's LoggedModel, tied to the dataset), its output, the adapter as a
+    LoggedModel, its plots, the base model and raw data, and an evaluation's predictions."""
+    from .artifacts import read_artifact
+
+    tr.log_tags(ctx.tags)
+    model = tr.input_models.get("adapter") if adapted else None
+    tr.log_metrics(metrics, model_id=model, dataset="dataset" if model else None)
+    name, kind = spec.output
+    tr.log_output(name, out.uri)
+    if kind == "Adapter":
+        params = cfg.model_dump(mode="json") | {"steps": int(metrics["steps"])}
+        tr.log_model(out.uri, name=name, params=params)
+    tr.log_artifacts(sorted((out.path / "plots").glob("*.png")))
+    tr.log_tags(_lineage_tags(read_artifact(out.path).metadata))
+    if kind == "EvalReport":  # the per-question predictions
+        tr.log_artifacts([out.path / "report.json"], artifact_path="report")
 
 
 def _lineage_tags(meta: dict[str, Any]) -> dict[str, str]:

@@ -162,6 +162,56 @@ def model_modules(base_model: str) -> tuple[list[str], dict[str, tuple[int, int]
     return names, shapes
 
 
+def _from_state(config: AllocateConfig, search: Path) -> tuple[Allocation, dict]:
+    """The allocation a SearchState selects (under the budget, if any), and its shapes."""
+    from ..artifacts import read_artifact
+    from ..artifacts.search_state import KIND as SEARCH_STATE
+    from ..artifacts.search_state import read_state
+
+    read_artifact(search, kind=SEARCH_STATE)
+    doc, _ = read_state(search)
+    problem = config.contradicts({"placement": "all"} | doc["config"])
+    if problem:
+        raise AllocationInputError(problem.replace("search.", "the search's "))
+    shapes = {n: tuple(s) for n, s in doc["shapes"].items()}
+    budget = config.budget
+    if config.budget_like is not None:
+        try:
+            budget = preset_parameters(
+                config.budget_like,
+                shapes,
+                top_k=doc["config"]["top_k"],
+                placement=doc["config"].get("placement", "all"),
+            )
+        except ValueError as exc:
+            raise AllocationInputError(f"budget_like (--budget-like): {exc}") from None
+    return allocation_from_state(search, budget=budget)[0], shapes
+
+
+def _hand_made(
+    config: AllocateConfig, reference: tuple[Path, Path] | None
+) -> tuple[Allocation, dict | None]:
+    """The MoLA preset, or the reference code's expert.json / rank.json, on the base model's
+    modules; the shapes when every module is a linear layer."""
+    names, linear = model_modules(config.base_model)
+    if config.preset is not None:
+        alloc = build_allocation(
+            base_model=config.base_model,
+            module_names=names,
+            preset=config.preset,
+            experts=config.experts,
+            top_k=config.top_k,
+            rank=config.rank,
+            placement=config.placement,
+        )
+    else:
+        targets = [n for n in names if n.rsplit(".", 1)[-1] in ALL_PROJECTIONS and n in linear]
+        alloc = import_reference_json(
+            *reference, base_model=config.base_model, module_names=targets, top_k=config.top_k
+        )
+    return alloc, (linear if all(n in linear for n in alloc.modules) else None)
+
+
 def run_allocate(
     config: AllocateConfig,
     out: Path,
@@ -173,80 +223,31 @@ def run_allocate(
 ) -> tuple[Allocation, int | None]:
     """Exactly one source: `search` (a SearchState artifact), `config.preset`, or `reference`.
     `parents`: the inputs' URIs for the manifest (default: the local paths given)."""
-    from ..artifacts import read_artifact
+    from ..plots import allocation_heatmaps
 
     chosen = [s for s in (search, config.preset, reference) if s is not None]
     if len(chosen) != 1:
         raise AllocationInputError(
             "give exactly one of --search, --preset or --reference-expert/--reference-rank"
         )
-    if config.budget is not None and config.budget_like is not None:
-        raise AllocationInputError("give --budget or --budget-like, not both")
     if search is None and (config.budget is not None or config.budget_like is not None):
         raise AllocationInputError("--budget and --budget-like apply to --search only")
-    found: list[str] = []
     if search is not None:
-        from ..artifacts.search_state import KIND as SEARCH_STATE
-        from ..artifacts.search_state import read_state
-
-        read_artifact(search, kind=SEARCH_STATE)
-        doc, _ = read_state(search)
-        problem = config.contradicts({"placement": "all"} | doc["config"])
-        if problem:
-            raise AllocationInputError(problem.replace("search.", "the search's "))
-        shapes = {n: tuple(s) for n, s in doc["shapes"].items()}
-        budget = config.budget
-        if config.budget_like is not None:
-            try:
-                budget = preset_parameters(
-                    config.budget_like,
-                    shapes,
-                    top_k=doc["config"]["top_k"],
-                    placement=doc["config"].get("placement", "all"),
-                )
-            except ValueError as exc:
-                raise AllocationInputError(f"budget_like (--budget-like): {exc}") from None
-        alloc, _ = allocation_from_state(search, budget=budget)
-        found = [str(search)]
+        (alloc, shapes), found = _from_state(config, search), [str(search)]
     else:
-        names, linear = model_modules(config.base_model)
-        if config.preset is not None:
-            preset = config.preset
-            alloc = build_allocation(
-                base_model=config.base_model,
-                module_names=names,
-                preset=preset,
-                experts=config.experts,
-                top_k=config.top_k,
-                rank=config.rank,
-                placement=config.placement,
-            )
-        else:
-            targets = [n for n in names if n.rsplit(".", 1)[-1] in ALL_PROJECTIONS and n in linear]
-            alloc = import_reference_json(
-                reference[0],
-                reference[1],
-                base_model=config.base_model,
-                module_names=targets,
-                top_k=config.top_k,
-            )
-            found = [str(reference[0]), str(reference[1])]
-        shapes = linear if all(n in linear for n in alloc.modules) else None
-    if parents is not None:
-        found = list(parents)
-    from ..plots import allocation_heatmaps
-
+        alloc, shapes = _hand_made(config, reference)
+        found = [str(p) for p in reference] if reference else []
     params = allocation_parameters(alloc, shapes) if shapes is not None else None
     write_allocation(
         out,
         alloc,
         parameters=params,
         config=config,
-        parents=found,
+        parents=found if parents is None else list(parents),
         overwrite=overwrite,
         extra=lambda folder: allocation_heatmaps(alloc, folder / "plots"),
     )
-    return alloc, allocation_parameters(alloc, shapes) if shapes else None
+    return alloc, params
 
 
 def run(config: AllocateConfig, inputs: dict, out: Path, context: Context) -> Metrics:
