@@ -393,7 +393,6 @@ def run_evaluate(
         from ..models import default_device, load_model, model_identity
 
         base = model_identity(config.base_model)
-
         model, tokenizer = load_model(config.base_model, device=default_device())
     moe = None
     if adapter is not None:
@@ -412,17 +411,6 @@ def run_evaluate(
     )
     if moe is not None:  # per module, the share of routed tokens each expert received
         report["expert_load"] = moe.router_stats()
-    meta = {
-        "formulation": report["formulation"],
-        "accuracy": report["accuracy"],
-        "ci95": report["ci95"],
-        "total": report["total"],
-        "majority_baseline": report["majority_baseline"]["accuracy"],
-        "adapter": adapter is not None,
-    } | ({"base_model": base} if base else {})
-    for key in ("acc_norm", "failures"):
-        if key in report:
-            meta[key] = report[key]
 
     def plots(folder: Path) -> None:
         if report.get("expert_load"):
@@ -430,8 +418,22 @@ def run_evaluate(
 
             expert_load(report["expert_load"], folder / "plots" / "expert_load.png")
 
+    meta = _metadata(report, adapter is not None, base)
     write_report(out, report, metadata=meta, config=config, parents=parents, extra=plots)
     return report
+
+
+def _metadata(report: Mapping[str, Any], adapted: bool, base: dict | None) -> dict[str, Any]:
+    """The report's summary for the manifest (and the base model's identity, if loaded)."""
+    meta = {
+        "formulation": report["formulation"],
+        "accuracy": report["accuracy"],
+        "ci95": report["ci95"],
+        "total": report["total"],
+        "majority_baseline": report["majority_baseline"]["accuracy"],
+        "adapter": adapted,
+    } | ({"base_model": base} if base else {})
+    return meta | {key: report[key] for key in ("acc_norm", "failures") if key in report}
 
 
 def report_metrics(report: Mapping[str, Any]) -> dict[str, float]:

@@ -319,9 +319,14 @@ class SearchRun:
 
 
 def tokenized_batches(
-    records: Sequence[dict], tokenizer: Any, config: SearchConfig, seed: int
+    records: Sequence[dict],
+    tokenizer: Any,
+    config: SearchConfig,
+    seed: int,
+    device: torch.device | None = None,
 ) -> list[Batch]:
-    """Fixed, length-grouped batches of tokenised records (the search's unit of data)."""
+    """Fixed, length-grouped batches of tokenised records (the search's unit of data), on
+    `device` if given."""
     from ..data.prompts import collate, length_grouped_batches, tokenize_example
 
     examples = [tokenize_example(r, tokenizer, cutoff=config.cutoff) for r in records]
@@ -329,7 +334,8 @@ def tokenized_batches(
     groups = length_grouped_batches(
         [len(e["input_ids"]) for e in examples], config.batch_size, seed=seed
     )
-    return [collate([examples[i] for i in g], pad) for g in groups]
+    batches = [collate([examples[i] for i in g], pad) for g in groups]
+    return [{k: v.to(device) for k, v in b.items()} for b in batches] if device else batches
 
 
 def run_search_stage(
@@ -366,13 +372,10 @@ def run_search_stage(
         from ..models import default_device, load_model, model_identity
 
         base = model_identity(config.base_model)
-
         model, tokenizer = load_model(config.base_model, device=default_device())
     device = next(model.parameters()).device
-    train = tokenized_batches(train_records, tokenizer, config, config.seed)
-    val = tokenized_batches(val_records, tokenizer, config, config.seed + 1)
-    train = [{k: v.to(device) for k, v in b.items()} for b in train]
-    val = [{k: v.to(device) for k, v in b.items()} for b in val]
+    train = tokenized_batches(train_records, tokenizer, config, config.seed, device)
+    val = tokenized_batches(val_records, tokenizer, config, config.seed + 1, device)
     run = SearchRun(model, config, base_model=config.base_model)
     push = mirror_checkpoints(checkpoint_uri, Path(checkpoints))
     result = run.run(

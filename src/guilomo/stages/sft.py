@@ -456,19 +456,10 @@ def run_sft(
     check_task_types(config, dataset_info(Path(dataset)), dataset)
     base = None  # the base model's identity, when this stage loads it
     if model is None:
-        from ..models import default_device, load_model, model_identity
+        from ..models import model_identity
 
         base = model_identity(config.base_model)
-
-        device = default_device()
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
-        if config.parallel == "fsdp" and world()[1] > 1:
-            # Load on the CPU: sharding moves the model to the GPU one layer at a time, so a
-            # base larger than one GPU fits. The dtype is the one the GPU would get.
-            if dtype is None and device.type == "cuda":
-                dtype = torch.bfloat16
-            device = torch.device("cpu")
-        model, tokenizer = load_model(config.base_model, dtype=dtype, device=device)
+        model, tokenizer = _load_base(config)
     trainer = SftTrainer(config, allocation, model, tokenizer, records)
     push = mirror_checkpoints(checkpoint_uri, checkpoints)
     if checkpoints is not None:
@@ -484,15 +475,44 @@ def run_sft(
     if trainer.step < trainer.steps:
         return result  # interrupted on purpose
     weights = trainer.adapter_weights()  # under FSDP every process takes part in the gather
-    if weights is None:
-        return result  # not the writing process
+    if weights is not None:  # the writing process
+        _publish(trainer, weights, result, out, config, parents, base)
+    return result
+
+
+def _load_base(config: SftConfig) -> tuple[torch.nn.Module, Any]:
+    """The base model on this process's device in the configured dtype; under FSDP on the
+    CPU, as sharding moves it to the GPU one layer at a time (so a base larger than one GPU
+    fits), in the dtype the GPU would get."""
+    from ..models import default_device, load_model
+
+    device = default_device()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
+    if config.parallel == "fsdp" and world()[1] > 1:
+        if dtype is None and device.type == "cuda":
+            dtype = torch.bfloat16
+        device = torch.device("cpu")
+    return load_model(config.base_model, dtype=dtype, device=device)
+
+
+def _publish(
+    trainer: SftTrainer,
+    weights: dict[str, torch.Tensor],
+    result: SftResult,
+    out: Path,
+    config: SftConfig,
+    parents: Sequence[str],
+    base: dict | None,
+) -> None:
+    """Write the Adapter artifact: the adapter, its loss log and loss curve, the metadata."""
+    from ..plots import loss_curve
+
     meta = {
         "steps": trainer.step,
         "final_loss": result.losses[-1] if result.losses else None,
         "trainable_parameters": trainer.adapter.num_parameters(),
         "tokens_per_second": round(result.tokens_per_second, 1),
     } | ({"base_model": base} if base else {})
-    from ..plots import loss_curve
 
     def save(folder: Path) -> None:
         trainer.adapter.save(folder, weights)
@@ -506,7 +526,6 @@ def run_sft(
         config=config,
         parents=parents,
     )
-    return result
 
 
 def planned_steps(config: SftConfig, inputs: dict) -> int:
