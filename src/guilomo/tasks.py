@@ -1,12 +1,14 @@
 """What each KFP component runs: one stage, tracked as an MLflow child run.
 
 The components in `guilomo.pipeline` are thin (KFP serialises their source); everything they
-do lives here, as plain functions that tests call without KFP. Each task
+do lives here, in `run_task(stage, ...)`, which tests call without KFP. It
 
-1. validates its config (pydantic) and opens its `StageTracker`, which checks that the MLflow
-   server answers *before* any model is loaded;
-2. runs the stage's `run_*` function, logging per-step metrics;
-3. records its output artifact's URI and digest, key metrics and plots on the child run.
+1. validates the stage's config (pydantic) and opens its `StageTracker`, which checks that
+   the MLflow server answers *before* any model is loaded;
+2. runs the stage's `Stage.run` (`guilomo.stages.STAGES`), logging per-step metrics and
+   printing progress lines;
+3. records its output artifact's URI and digest, key metrics, plots, the base model and raw
+   data identities on the child run.
 
 `Io` pairs the local path a task reads or writes (KFP's `artifact.path`) with the artifact's
 URI (KFP's `artifact.uri`: `s3://...` on a cluster), so manifests and MLflow name URIs.
