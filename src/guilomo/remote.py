@@ -38,8 +38,16 @@ from types import TracebackType
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from .artifacts import MANIFEST, ArtifactError, ArtifactKind, Manifest, read_artifact, read_manifest
-from .storage import StorageError, exists, open_store, put_artifact, sync_dir_down, sync_dir_up
+from .artifacts import (
+    MANIFEST,
+    ArtifactError,
+    ArtifactKind,
+    Manifest,
+    read_artifact,
+    read_manifest,
+    replace_folder,
+)
+from .storage import StorageError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +134,7 @@ class StageIO:
 
     def __enter__(self) -> StageIO:
         if not self.overwrite:
-            if self.remote_out and exists(self.out):
+            if self.remote_out and open_store(self.out).exists(self.out):
                 raise StorageError(
                     f"{self.out}: already holds an artifact; write to a new URI (artifacts "
                     "are immutable) or pass --overwrite"
@@ -179,18 +187,12 @@ class StageIO:
         path = self.out_path
         manifest = self._relabel_parents(path)
         if self.remote_out:
-            return put_artifact(path, self.out, overwrite=self.overwrite)
+            return open_store(self.out).put_artifact(path, self.out, overwrite=self.overwrite)
         if self._staging is not None:
             dest = local_path(self.out)
-            if dest.exists():
-                if not self.overwrite:
-                    raise ArtifactError(f"{dest}: already exists; pass --overwrite to replace it")
-                old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(dest, old)
-                os.replace(path, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(path, dest)
+            if dest.exists() and not self.overwrite:
+                raise ArtifactError(f"{dest}: already exists; pass --overwrite to replace it")
+            replace_folder(path, dest)
         return manifest
 
     def _relabel_parents(self, path: Path) -> Manifest:
@@ -218,7 +220,7 @@ def checkpoint_folder(uri: str) -> Path:
 def pull_checkpoints(uri: str, local: Path) -> bool:
     """Bring the checkpoint last pushed to `uri` into `local` (a retried pod resuming);
     False when nothing was pushed there yet."""
-    found = sync_dir_down(uri, local) is not None
+    found = open_store(uri).sync_dir_down(uri, local) is not None
     log.info("%s: %s", uri, f"checkpoint pulled to {local}" if found else "no checkpoint yet")
     return found
 
@@ -244,6 +246,6 @@ def push_checkpoints(local: Path, uri: str) -> None:
     bounded retries) is logged and the stage goes on: the local checkpoint is intact, the
     one at `uri` is the previous complete one, and the next save pushes again."""
     try:
-        sync_dir_up(local, uri)
+        open_store(uri).sync_dir_up(local, uri)
     except StorageError as exc:
         log.warning("checkpoint not pushed to %s (the stage goes on): %s", uri, exc)

@@ -1,25 +1,23 @@
 """Object storage for artifacts and checkpoints: local folders and S3 (`s3://bucket/prefix`).
 
-`open_store(uri)` picks the implementation from the URI: a local path or `file://` URI gives a
-`LocalStore`, `s3://bucket/prefix` an `S3Store` (boto3). Both share the same guarantees:
+`open_store(uri)` gives a `LocalStore` for a path or `file://` URI and an `S3Store` (boto3's
+managed transfers) for `s3://bucket/prefix`, with the same guarantees:
 
 * `put_artifact(local_dir, uri)` uploads every payload file, verifies each upload (size and
   sha256, plus S3 checksums where the server supports them) and uploads `manifest.json`
-  LAST. A prefix without a manifest is absent or incomplete, never half an artifact.
+  LAST: a prefix without a manifest is absent or incomplete, never half an artifact. Files
+  already stored are not sent again, so rerunning an interrupted upload resumes it.
 * `get_artifact(uri, local_dir)` downloads into a temporary sibling folder, verifies every
   checksum with `read_artifact` and only then renames the folder into place.
 * `sync_dir_up(local_dir, uri)` / `sync_dir_down(uri, local_dir)` push and pull a running
-  stage's checkpoint folder. Files are stored by content (`<uri>/blobs/<sha256>`) and a
-  marker (`<uri>/sync.json`) naming them is written last, so changed files are uploaded,
-  unchanged ones skipped, and an interrupted sync leaves the previous checkpoint intact.
+  stage's checkpoint folder: files by content (`<uri>/blobs/<sha256>`), then a marker
+  (`<uri>/sync.json`) naming them, so an interrupted sync leaves the previous one intact.
 
-S3 endpoint, region and credentials come only from the environment: `AWS_ENDPOINT_URL_S3` or
-`AWS_ENDPOINT_URL` (unset: AWS itself), `AWS_REGION` or `AWS_DEFAULT_REGION`, and
-`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (or anything else boto3's credential chain
-finds). Credentials are never logged or put in error messages. Transient failures
-(connection errors, timeouts, 5xx, throttling) are retried twice over: by botocore per
-request, and around each whole-file transfer with exponential backoff, bounded in attempts
-and total time.
+S3 endpoint, region and credentials come only from the environment (`AWS_ENDPOINT_URL_S3` or
+`AWS_ENDPOINT_URL`, `AWS_REGION` or `AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID` /
+`AWS_SECRET_ACCESS_KEY` or boto3's credential chain) and never appear in logs or errors.
+Transient failures (connection errors, timeouts, 5xx, throttling) are retried by botocore's
+"standard" retry mode, per request and per multipart part; each retry is logged.
 
     store = open_store("s3://bucket/runs/42")
     store.put_artifact("runs/42/allocation", "s3://bucket/runs/42/allocation")
@@ -30,11 +28,9 @@ from __future__ import annotations
 
 import base64
 import builtins
-import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 import threading
@@ -51,7 +47,15 @@ from urllib.request import url2pathname
 
 from pydantic import ValidationError
 
-from .artifacts import MANIFEST, ArtifactError, ArtifactKind, Manifest, read_artifact, sha256_file
+from .artifacts import (
+    MANIFEST,
+    ArtifactError,
+    ArtifactKind,
+    Manifest,
+    read_artifact,
+    replace_folder,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,44 +64,12 @@ SYNC_MARKER = "sync.json"
 SYNC_BLOBS = "blobs"
 SHA256_METADATA = "sha256"  # stored as the object metadata header x-amz-meta-sha256
 _CREDENTIAL_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
-_CREDENTIALS_HINT = (
-    "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN if used) in the "
-    "environment, and that they may access this bucket"
-)
-_TRANSIENT_CODES = frozenset(
-    {
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottled",
-        "RequestThrottledException",
-        "TooManyRequestsException",
-        "ProvisionedThroughputExceededException",
-        "RequestLimitExceeded",
-        "SlowDown",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "InternalError",
-        "ServiceUnavailable",
-        "BadDigest",
-        "XAmzContentSHA256Mismatch",
-    }
-)
 _AUTH_CODES = frozenset(
-    {
-        "AccessDenied",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "ExpiredToken",
-        "InvalidToken",
-        "TokenRefreshRequired",
-        "AuthorizationHeaderMalformed",
-        "InvalidClientTokenId",
-        "403",
-    }
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
+    | {"InvalidToken", "TokenRefreshRequired", "AuthorizationHeaderMalformed", "403"}
 )
-
 T = TypeVar("T")
+ProgressFn = Callable[[str], None]
 
 
 class StorageError(ValueError):
@@ -108,35 +80,22 @@ class NotFoundError(StorageError):
     """No object at the URI."""
 
 
-class _Transient(Exception):
-    """Internal: a transfer finished but did not verify; worth another attempt."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Outer retries around whole operations: exponential backoff with jitter, bounded by
-    `attempts` and by `deadline` seconds in total."""
-
-    attempts: int = 8
-    base_delay: float = 0.5
-    max_delay: float = 8.0
-    deadline: float = 120.0
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number `attempt` (1-based)."""
-        return min(self.max_delay, self.base_delay * 2 ** (attempt - 1)) * random.uniform(0.75, 1)
+class _Unverified(Exception):
+    """A transfer finished but its result did not verify; worth one more attempt."""
 
 
 @dataclass(frozen=True)
 class TransferSettings:
-    """S3 transfer and client settings (ignored by `LocalStore`)."""
+    """S3 transfer and client settings (ignored by `LocalStore`). `attempts` is botocore's
+    per-request bound in its "standard" mode: jittered exponential backoff from 50 ms,
+    each wait at most 20 s (a server that is back within about ten seconds is waited for)."""
 
     multipart_threshold: int = 8 * MiB
     multipart_chunksize: int = 8 * MiB
     max_concurrency: int = 4
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
-    client_attempts: int = 3  # botocore's own per-request retries ("standard" mode)
+    attempts: int = 10
 
 
 @dataclass(frozen=True)
@@ -146,7 +105,6 @@ class ObjectInfo:
     uri: str
     size: int
     sha256: str | None = None  # from the object's metadata (S3) or computed (local)
-    etag: str | None = None
     checksum_sha256: str | None = None  # the server's own checksum (base64), if any
 
 
@@ -159,10 +117,6 @@ class SyncResult:
     removed: list[str] = field(default_factory=list)
 
 
-ProgressFn = Callable[[str], None]
-
-
-# -- helpers ------------------------------------------------------------------------------
 def _join(uri: str, rel: str) -> str:
     return f"{uri.rstrip('/')}/{rel}"
 
@@ -188,48 +142,33 @@ def _check_rel(rel: str, uri: str) -> str:
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """`exc`, its causes, contexts and wrapped `last_exception`s."""
+    """`exc`, its causes and contexts."""
     seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        last = getattr(e, "last_exception", None)
-        todo += [e.__cause__, e.__context__, last if isinstance(last, BaseException) else None]
-
-
-def _copy_hashing(src: Path, dst: Path, chunk: int = MiB) -> tuple[str, int]:
-    """Copy `src` to `dst`; return the sha256 and size of the bytes copied."""
-    h, n = hashlib.sha256(), 0
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        while block := fin.read(chunk):
-            h.update(block)
-            fout.write(block)
-            n += len(block)
-        fout.flush()
-        os.fsync(fout.fileno())
-    return h.hexdigest(), n
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
 
 
 def _tmp_sibling(path: Path, tag: str) -> Path:
     return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-# -- the interface ------------------------------------------------------------------------
+def _mismatch(uri: str, got: str, want: str, where: str) -> StorageError:
+    return StorageError(
+        f"{uri}: checksum mismatch: the object's bytes have sha256 {got[:16]}..., {where} "
+        f"{want[:16]}...; the object was corrupted or replaced after upload: upload it again "
+        "from its source"
+    )
+
+
 class Store(ABC):
     """Artifact and checkpoint transfers between local folders and one kind of storage.
 
     Subclasses implement single-attempt primitives (`_head`, `_upload`, `_download`,
-    `_list`, `_delete`); this class adds retries, verification and the publish protocols.
+    `_list`, `_delete`); this class adds verification and the publish protocols.
     """
 
-    def __init__(self, retry: RetryPolicy | None = None) -> None:
-        self.retry = retry or RetryPolicy()
-
-    # -- primitives (one attempt each) --------------------------------------------------
     @abstractmethod
     def _check_uri(self, uri: str | os.PathLike) -> str:
         """`uri` as a string, or StorageError if this store cannot handle it."""
@@ -254,57 +193,33 @@ class Store(ABC):
     def _delete(self, uri: str) -> None:
         """Remove the object at `uri` (no error if there is none)."""
 
-    def _is_transient(self, exc: BaseException) -> bool:
-        return False
-
-    def _describe(self, exc: BaseException) -> str:
-        text = str(exc) if isinstance(exc, _Transient) else f"{type(exc).__name__}: {exc}"
-        return _redact(text)[:400]
-
     def _hint(self, exc: BaseException) -> str:
-        return "check the path and its permissions"
-
-    def _where(self) -> str:
-        return "the file system"
+        return f"{type(exc).__name__}: {exc}; check the path and its permissions"
 
     def _remote_sha256(self, info: ObjectInfo) -> str | None:
         return info.sha256
 
-    # -- retries ------------------------------------------------------------------------
     def _call(self, op: str, uri: str, fn: Callable[[], T]) -> T:
-        """`fn()`, retried with backoff on transient errors; StorageError naming `uri`."""
-        policy, start, attempt = self.retry, time.monotonic(), 0
-        while True:
-            attempt += 1
+        """`fn()`, once more if its result did not verify; StorageError naming `uri`."""
+        for attempt in (1, 2):
             try:
                 return fn()
             except StorageError:
                 raise
-            except Exception as exc:
-                desc = self._describe(exc)
-                if not (isinstance(exc, _Transient) or self._is_transient(exc)):
-                    raise StorageError(f"{uri}: {op} failed: {desc}; {self._hint(exc)}") from exc
-                elapsed, delay = time.monotonic() - start, policy.delay(attempt)
-                if attempt >= policy.attempts or elapsed + delay > policy.deadline:
+            except _Unverified as exc:
+                if attempt == 2:
                     raise StorageError(
-                        f"{uri}: {op} failed after {attempt} attempts in {elapsed:.1f}s: {desc}; "
-                        f"check that {self._where()} is reachable and healthy, then run again "
-                        "(transfers are safe to repeat)"
-                    ) from exc
-                log.warning(
-                    "%s: %s failed (%s); attempt %d/%d in %.1fs",
-                    uri,
-                    op,
-                    desc,
-                    attempt + 1,
-                    policy.attempts,
-                    delay,
-                )
-                time.sleep(delay)
+                        f"{uri}: {op} did not verify twice ({exc}); check the object store's "
+                        "health, then run again (transfers are safe to repeat)"
+                    ) from None
+                log.warning("%s: %s did not verify (%s); one more attempt", uri, op, exc)
+            except Exception as exc:
+                raise StorageError(f"{uri}: {op} failed: {_redact(self._hint(exc))}") from exc
+        raise AssertionError("unreachable")
 
     # -- single objects -----------------------------------------------------------------
     def head(self, uri: str) -> ObjectInfo | None:
-        """The object at `uri` (size, sha256 metadata, ETag), or None."""
+        """The object at `uri` (size, sha256 metadata, checksum), or None."""
         uri = self._check_uri(uri)
         return self._call("head", uri, lambda: self._head(uri))
 
@@ -315,47 +230,38 @@ class Store(ABC):
         uri, src = self._check_uri(uri), Path(local)
         if not src.is_file():
             raise StorageError(f"{src}: not a file, so it cannot be uploaded to {uri}")
-        digest = sha256 or sha256_file(src)
-        size = src.stat().st_size
+        digest, size = sha256 or sha256_file(src), src.stat().st_size
         return self._call("upload", uri, lambda: self._upload(src, uri, digest, size))
 
     def get_file(
         self, uri: str, local: str | os.PathLike, *, sha256: str | None = None
     ) -> ObjectInfo:
-        """Download one object to `local` (atomically: temporary file, then rename), checking
-        its size, its recorded sha256 and, if given, the expected `sha256`."""
+        """Download one object to `local` (a temporary file, then a rename), checking its
+        size, its recorded sha256 and, if given, the expected `sha256`."""
         uri, dest = self._check_uri(uri), Path(local)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp_sibling(dest, "part")
 
-        def attempt() -> tuple[ObjectInfo, str]:
+        def attempt() -> ObjectInfo:
             info = self._download(uri, tmp)
-            size = tmp.stat().st_size
-            if size != info.size:
-                raise _Transient(f"got {size} bytes of the object's {info.size}")
-            return info, sha256_file(tmp)
+            if (size := tmp.stat().st_size) != info.size:
+                raise _Unverified(f"got {size} bytes of the object's {info.size}")
+            return info
 
         try:
-            info, got = self._call("download", uri, attempt)
+            info = self._call("download", uri, attempt)
+            got = sha256_file(tmp)
             if info.sha256 is not None and got != info.sha256:
-                raise StorageError(
-                    f"{uri}: checksum mismatch: the object's bytes have sha256 {got[:16]}..., "
-                    f"its metadata records {info.sha256[:16]}...; the object was corrupted or "
-                    "replaced after upload: upload it again from its source"
-                )
+                raise _mismatch(uri, got, info.sha256, "its metadata records")
             if sha256 is not None and got != sha256:
-                raise StorageError(
-                    f"{uri}: checksum mismatch: the object has sha256 {got[:16]}..., the "
-                    f"manifest expects {sha256[:16]}...; the object was corrupted or replaced "
-                    "after upload: upload it again from its source"
-                )
+                raise _mismatch(uri, got, sha256, "the manifest expects")
             os.replace(tmp, dest)
             return info
         finally:
             tmp.unlink(missing_ok=True)
 
     def _read_json(self, uri: str) -> Any | None:
-        """The JSON object at `uri`, or None when there is none."""
+        """The JSON document at `uri`, or None when there is none."""
         with tempfile.TemporaryDirectory(prefix="guilomo-storage-") as d:
             try:
                 self.get_file(uri, Path(d) / "doc.json")
@@ -373,7 +279,8 @@ class Store(ABC):
             path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
             return self.put_file(path, uri)
 
-    def _same(self, info: ObjectInfo | None, sha256: str, size: int) -> bool:
+    def _stored(self, uri: str, sha256: str, size: int) -> bool:
+        info = self.head(uri)
         return info is not None and info.size == size and self._remote_sha256(info) == sha256
 
     # -- artifacts ----------------------------------------------------------------------
@@ -404,12 +311,8 @@ class Store(ABC):
         overwrite: bool = False,
         progress: ProgressFn | None = None,
     ) -> Manifest:
-        """Upload the verified artifact at `local_dir` to `uri`, `manifest.json` last.
-
-        Files already stored with the same size and sha256 are not sent again, so rerunning
-        an interrupted upload resumes it; uploading the same artifact twice is a no-op.
-        `progress(rel)` is called after each file is stored.
-        """
+        """Upload the verified artifact at `local_dir` to `uri`, `manifest.json` last; a no-op
+        when `uri` holds it already. `progress(rel)` is called after each file is stored."""
         uri, root = self._check_uri(uri), Path(local_dir)
         try:
             manifest = read_artifact(root)
@@ -422,36 +325,30 @@ class Store(ABC):
             if not overwrite:
                 raise
             remote = None
-            self._call("delete", murl, lambda: self._delete(murl))
-        if remote is not None:
-            if remote.kind == manifest.kind and remote.digest == manifest.digest:
-                log.info("%s: already holds this %s artifact", uri, manifest.kind)
-                return remote
-            if not overwrite:
-                raise StorageError(
-                    f"{uri}: already holds another {remote.kind} artifact; upload to a new URI "
-                    "(artifacts are immutable) or pass overwrite=True"
-                )
-            self._call("delete", murl, lambda: self._delete(murl))  # unpublish first
+        if remote is not None and (remote.kind, remote.digest) == (manifest.kind, manifest.digest):
+            log.info("%s: already holds this %s artifact", uri, manifest.kind)
+            return remote
+        if remote is not None and not overwrite:
+            raise StorageError(
+                f"{uri}: already holds another {remote.kind} artifact; upload to a new URI "
+                "(artifacts are immutable) or pass overwrite=True"
+            )
+        self._call("delete", murl, lambda: self._delete(murl))  # unpublish first
         start, sent = time.monotonic(), 0
-        for rel, sha in manifest.files.items():
+        for rel, sha in [*manifest.files.items(), (MANIFEST, None)]:  # the manifest last
             src, dst = root / rel, _join(uri, rel)
-            size = src.stat().st_size
-            if not self._same(self.head(dst), sha, size):
+            if sha is None or not self._stored(dst, sha, src.stat().st_size):
                 self.put_file(src, dst, sha256=sha)
-                sent += size
+                sent += src.stat().st_size
             if progress is not None:
                 progress(rel)
-        self.put_file(root / MANIFEST, murl)  # publish
-        if progress is not None:
-            progress(MANIFEST)
+        took = time.monotonic() - start
         log.info(
-            "%s: uploaded %s artifact (%d files, %.1f MiB sent) in %.1fs",
+            "%s: uploaded %s artifact (%.1f MiB sent) in %.1fs",
             uri,
             manifest.kind,
-            len(manifest.files),
             sent / MiB,
-            time.monotonic() - start,
+            took,
         )
         return manifest
 
@@ -474,51 +371,45 @@ class Store(ABC):
         tmp = _tmp_sibling(dest, "tmp")
         tmp.mkdir()
         try:
-            try:
-                self.get_file(_join(uri, MANIFEST), tmp / MANIFEST)
-            except NotFoundError:
-                raise StorageError(
-                    f"{uri}: no {MANIFEST}, so there is no complete artifact here (nothing was "
-                    "uploaded, or the upload was interrupted before it published the "
-                    "manifest); check the URI or rerun the upload"
-                ) from None
-            try:
-                manifest = Manifest.model_validate_json((tmp / MANIFEST).read_text())
-            except ValidationError as exc:
-                raise StorageError(
-                    f"{uri}: invalid {MANIFEST} ({exc.errors()[0]['msg']}); upload it again"
-                ) from None
-            if kind is not None and manifest.kind != kind:
-                raise StorageError(f"{uri}: holds a {manifest.kind} artifact, expected {kind}")
+            manifest = self._fetch_manifest(uri, tmp / MANIFEST, kind)
             if dest.exists():
-                try:
-                    if read_artifact(dest).digest == manifest.digest:
-                        return manifest
-                except ArtifactError:
-                    pass
+                if _digest(dest) == manifest.digest:
+                    return manifest
                 if not overwrite:
                     raise StorageError(
                         f"{dest}: already exists and differs from {uri}; choose another "
                         "destination or pass overwrite=True"
                     )
             for rel, sha in manifest.files.items():
-                _check_rel(rel, uri)
-                self.get_file(_join(uri, rel), tmp / rel, sha256=sha)
+                self.get_file(_join(uri, _check_rel(rel, uri)), tmp / rel, sha256=sha)
             try:
                 read_artifact(tmp, kind=kind)
             except ArtifactError as exc:
                 raise StorageError(f"{uri}: refusing the downloaded artifact: {exc}") from None
-            if dest.exists():
-                old = _tmp_sibling(dest, "old")
-                os.replace(dest, old)
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dest)
+            replace_folder(tmp, dest)
             log.info("%s: downloaded %s artifact to %s", uri, manifest.kind, dest)
             return manifest
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _fetch_manifest(self, uri: str, dest: Path, kind: ArtifactKind | None) -> Manifest:
+        try:
+            self.get_file(_join(uri, MANIFEST), dest)
+        except NotFoundError:
+            raise StorageError(
+                f"{uri}: no {MANIFEST}, so there is no complete artifact here (nothing was "
+                "uploaded, or the upload was interrupted before it published the manifest); "
+                "check the URI or rerun the upload"
+            ) from None
+        try:
+            manifest = Manifest.model_validate_json(dest.read_text())
+        except ValidationError as exc:
+            raise StorageError(
+                f"{uri}: invalid {MANIFEST} ({exc.errors()[0]['msg']}); upload it again"
+            ) from None
+        if kind is not None and manifest.kind != kind:
+            raise StorageError(f"{uri}: holds a {manifest.kind} artifact, expected {kind}")
+        return manifest
 
     # -- checkpoint folders -------------------------------------------------------------
     def sync_dir_up(
@@ -555,35 +446,24 @@ class Store(ABC):
                 result.transferred.append(rel)
             if progress is not None:
                 progress(rel)
-        marker = {
-            "version": 1,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "files": files,
-        }
-        self._write_json(marker, _join(uri, SYNC_MARKER))
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._write_json({"version": 1, "created": now, "files": files}, _join(uri, SYNC_MARKER))
         if prune:
             keep = {ent["sha256"] for ent in files.values()}
             for obj in self._list_infos(_join(uri, SYNC_BLOBS)):
-                name = obj.uri.rsplit("/", 1)[-1]
-                if name not in keep:
+                if (name := obj.uri.rsplit("/", 1)[-1]) not in keep:
                     self._call("delete", obj.uri, lambda u=obj.uri: self._delete(u))
                     result.removed.append(name)
-        log.info(
-            "%s: synced %s up (%d sent, %d unchanged)",
-            uri,
-            root,
-            len(result.transferred),
-            len(result.skipped),
-        )
+        log.info("%s: synced %s up (%d sent, %d unchanged)", uri, root, *_counts(result))
         return result
 
     def sync_dir_down(
         self, uri: str, local_dir: str | os.PathLike, *, prune: bool = False
     ) -> SyncResult | None:
         """Pull the checkpoint folder last synced to `uri` into `local_dir` (a retried pod
-        resuming). Returns None when nothing was ever synced there. Changed files are
-        downloaded and verified first, then moved into place; identical ones are skipped.
-        With `prune`, local files the checkpoint does not name are deleted."""
+        resuming); None when nothing was ever synced there. Changed files are downloaded and
+        verified first, then moved into place; identical ones are skipped. With `prune`,
+        local files the checkpoint does not name are deleted."""
         uri, root = self._check_uri(uri), Path(local_dir)
         for attempt in range(3):
             marker = self._read_json(_join(uri, SYNC_MARKER))
@@ -612,34 +492,26 @@ class Store(ABC):
             ) from None
         root.mkdir(parents=True, exist_ok=True)
         staging = _tmp_sibling(root, "sync")
-        result, fetched = SyncResult(), []
+        result = SyncResult()
         try:
             for rel, (sha, size) in sorted(files.items()):
                 local = root / rel
                 if local.is_file() and local.stat().st_size == size and sha256_file(local) == sha:
                     result.skipped.append(rel)
-                    continue
-                self.get_file(_join(uri, f"{SYNC_BLOBS}/{sha}"), staging / rel, sha256=sha)
-                fetched.append(rel)
-            for rel in fetched:  # everything verified: move into place
+                else:
+                    self.get_file(_join(uri, f"{SYNC_BLOBS}/{sha}"), staging / rel, sha256=sha)
+                    result.transferred.append(rel)
+            for rel in result.transferred:  # everything verified: move into place
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging / rel, root / rel)
-                result.transferred.append(rel)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if prune:
             for p in sorted(root.rglob("*")):
-                rel = p.relative_to(root).as_posix()
-                if p.is_file() and rel not in files:
+                if p.is_file() and (rel := p.relative_to(root).as_posix()) not in files:
                     p.unlink()
                     result.removed.append(rel)
-        log.info(
-            "%s: synced down to %s (%d fetched, %d unchanged)",
-            uri,
-            root,
-            len(result.transferred),
-            len(result.skipped),
-        )
+        log.info("%s: synced down to %s (%d fetched, %d unchanged)", uri, root, *_counts(result))
         return result
 
     # -- listing ------------------------------------------------------------------------
@@ -650,6 +522,17 @@ class Store(ABC):
         """URIs of every object under the folder `uri_prefix`, sorted."""
         uri_prefix = self._check_uri(uri_prefix)
         return sorted(info.uri for info in self._list_infos(uri_prefix))
+
+
+def _digest(folder: Path) -> str | None:
+    try:
+        return read_artifact(folder).digest
+    except ArtifactError:
+        return None
+
+
+def _counts(result: SyncResult) -> tuple[int, int]:
+    return len(result.transferred), len(result.skipped)
 
 
 # -- local folders ------------------------------------------------------------------------
@@ -675,8 +558,7 @@ class LocalStore(Store):
         p = self._path(uri)
         if not p.is_file():
             return None
-        st = p.stat()
-        return ObjectInfo(uri, st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}")
+        return ObjectInfo(uri, p.stat().st_size)
 
     def _remote_sha256(self, info: ObjectInfo) -> str | None:
         return sha256_file(self._path(info.uri))
@@ -686,8 +568,8 @@ class LocalStore(Store):
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp_sibling(dest, "part")
         try:
-            got, n = _copy_hashing(local, tmp)
-            if got != sha256 or n != size:
+            shutil.copyfile(local, tmp)
+            if sha256_file(tmp) != sha256 or tmp.stat().st_size != size:
                 raise StorageError(
                     f"{local}: changed while it was copied to {uri} (sha256 or size differs "
                     "from the manifest); stop whatever writes it and upload again"
@@ -695,14 +577,14 @@ class LocalStore(Store):
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
-        return ObjectInfo(uri, n, sha256=got)
+        return ObjectInfo(uri, size, sha256=sha256)
 
     def _download(self, uri: str, dest: Path) -> ObjectInfo:
         src = self._path(uri)
         if not src.is_file():
             raise NotFoundError(f"{uri}: no such file; check the path")
-        got, n = _copy_hashing(src, dest)
-        return ObjectInfo(uri, n, sha256=got)
+        shutil.copyfile(src, dest)
+        return ObjectInfo(uri, dest.stat().st_size)
 
     def _list(self, uri_prefix: str) -> Iterator[ObjectInfo]:
         root = self._path(uri_prefix)
@@ -710,9 +592,8 @@ class LocalStore(Store):
             return
         for p in sorted(root.rglob("*")):
             if p.is_file() and not (p.name.startswith(".") and ".part-" in p.name):
-                st = p.stat()
                 rel = p.relative_to(root).as_posix()
-                yield ObjectInfo(_join(uri_prefix, rel), st.st_size, etag=f"{st.st_mtime_ns:x}")
+                yield ObjectInfo(_join(uri_prefix, rel), p.stat().st_size)
 
     def _delete(self, uri: str) -> None:
         self._path(uri).unlink(missing_ok=True)
@@ -723,14 +604,14 @@ def _s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def _client_error(exc: BaseException) -> tuple[str, int] | None:
-    """(code, HTTP status) of the first botocore ClientError in `exc`'s chain."""
+def _client_error(exc: BaseException) -> tuple[str, int, str] | None:
+    """(code, HTTP status, message) of the first botocore ClientError in `exc`'s chain."""
     for e in _chain(exc):
         response = getattr(e, "response", None)
         if isinstance(response, dict) and "Error" in response:
-            code = str(response.get("Error", {}).get("Code", ""))
-            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            return code, status
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
+            error = response["Error"]
+            return str(error.get("Code", "")), int(status), str(error.get("Message", ""))
     return None
 
 
@@ -745,21 +626,18 @@ class S3Store(Store):
     artifacts, the manifest.
     """
 
-    def __init__(
-        self, retry: RetryPolicy | None = None, transfer: TransferSettings | None = None
-    ) -> None:
-        super().__init__(retry)
+    def __init__(self, transfer: TransferSettings | None = None) -> None:
         try:
             from boto3.s3.transfer import TransferConfig
         except ImportError:
             raise StorageError("s3:// URIs need boto3: pip install boto3") from None
-        self.settings = transfer or TransferSettings()
+        self.settings = s = transfer or TransferSettings()
         self._checksums = True
         self._lock = threading.Lock()
         self._transfer = TransferConfig(
-            multipart_threshold=self.settings.multipart_threshold,
-            multipart_chunksize=self.settings.multipart_chunksize,
-            max_concurrency=self.settings.max_concurrency,
+            multipart_threshold=s.multipart_threshold,
+            multipart_chunksize=s.multipart_chunksize,
+            max_concurrency=s.max_concurrency,
         )
         self._client = self._make_client(checksums=True)
 
@@ -772,7 +650,7 @@ class S3Store(Store):
         when = "when_supported" if checksums else "when_required"
         config = Config(
             region_name=region,
-            retries={"mode": "standard", "max_attempts": self.settings.client_attempts},
+            retries={"mode": "standard", "max_attempts": self.settings.attempts},
             connect_timeout=self.settings.connect_timeout,
             read_timeout=self.settings.read_timeout,
             max_pool_connections=max(10, self.settings.max_concurrency * 2),
@@ -781,12 +659,28 @@ class S3Store(Store):
             response_checksum_validation=when,
         )
         try:
-            return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
         except ValueError as exc:  # an unparsable endpoint
             raise StorageError(
                 f"cannot configure S3 ({_redact(str(exc))[:200]}); set AWS_ENDPOINT_URL (or "
                 "AWS_ENDPOINT_URL_S3) to a URL such as http://host:port, or unset it for AWS"
             ) from None
+        client.meta.events.register("needs-retry.s3", self._log_retry)
+        return client
+
+    def _log_retry(self, attempts: int, caught_exception: Any = None, **kw: Any) -> None:
+        """Say so when a request failed and botocore's retry mode may try it again."""
+        response = kw.get("response")
+        status = response[1].get("ResponseMetadata", {}).get("HTTPStatusCode", 0) if response else 0
+        if attempts < self.settings.attempts and (caught_exception is not None or status >= 500):
+            why = f"{type(caught_exception).__name__}: {caught_exception}"
+            log.warning(
+                "S3 %s: attempt %d/%d failed (%s); retrying",
+                getattr(kw.get("operation"), "name", "request"),
+                attempts,
+                self.settings.attempts,
+                _redact(why)[:200] if caught_exception is not None else f"HTTP {status}",
+            )
 
     def _check_uri(self, uri: str | os.PathLike) -> str:
         text = os.fspath(uri)
@@ -809,64 +703,40 @@ class S3Store(Store):
             ":"
         )
 
-    def _is_transient(self, exc: BaseException) -> bool:
-        from botocore import exceptions as be
-
-        retryable: tuple[type[BaseException], ...] = (
-            be.ConnectionError,
-            be.HTTPClientError,
-            be.IncompleteReadError,
-            getattr(be, "ResponseStreamingError", be.HTTPClientError),
-            getattr(be, "FlexibleChecksumError", be.HTTPClientError),
-            ConnectionError,
-            TimeoutError,
-            _Transient,
-        )
-        if any(isinstance(e, retryable) for e in _chain(exc)):
-            return True
-        err = _client_error(exc)
-        return err is not None and (err[1] >= 500 or err[1] == 429 or err[0] in _TRANSIENT_CODES)
-
-    def _describe(self, exc: BaseException) -> str:
-        err = _client_error(exc)
-        if err is not None:
-            for e in _chain(exc):
-                response = getattr(e, "response", None)
-                if isinstance(response, dict) and "Error" in response:
-                    msg = str(response["Error"].get("Message", "")) or "(no message)"
-                    return _redact(f"{err[0] or 'error'} (HTTP {err[1]}): {msg}")[:400]
-        return super()._describe(exc)
-
     def _hint(self, exc: BaseException) -> str:
         from botocore import exceptions as be
 
-        if any(
-            isinstance(e, be.NoCredentialsError | be.PartialCredentialsError) for e in _chain(exc)
-        ):
-            return "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment"
         err = _client_error(exc)
-        if err is not None and (err[0] in _AUTH_CODES or err[1] == 403):
-            return _CREDENTIALS_HINT
-        if err is not None and err[0] == "NoSuchBucket":
-            return "create the bucket, or fix the bucket name in the URI"
-        return "check the URI, the AWS_* environment and the object store's logs"
+        if err is None:
+            if any(
+                isinstance(e, be.NoCredentialsError | be.PartialCredentialsError)
+                for e in _chain(exc)
+            ):
+                return "no credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment"
+            return (
+                f"{type(exc).__name__}: {str(exc)[:300]} (after up to {self.settings.attempts} "
+                f"attempts); check that {self._where()} is reachable and healthy, then run "
+                "again (transfers are safe to repeat)"
+            )
+        code, status, message = err
+        what = f"{code or 'error'} (HTTP {status}): {message or '(no message)'}"[:400]
+        if code in _AUTH_CODES or status == 403:
+            return (
+                f"{what}; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
+                "AWS_SESSION_TOKEN if used) in the environment, and that they may access this bucket"
+            )
+        if code == "NoSuchBucket":
+            return f"{what}; create the bucket, or fix the bucket name in the URI"
+        if status >= 500 or status == 429:
+            return f"{what}; check that {self._where()} is healthy, then run again"
+        return f"{what}; check the URI, the AWS_* environment and the object store's logs"
 
     def _checksum_unsupported(self, exc: BaseException) -> bool:
         err = _client_error(exc)
-        if err is None:
-            return False
-        code = err[0]
-        text = self._describe(exc).lower()
-        return code == "NotImplemented" or (
-            code in ("InvalidRequest", "InvalidArgument", "NotImplemented") and "checksum" in text
+        return err is not None and (
+            err[0] == "NotImplemented"
+            or (err[0] in ("InvalidRequest", "InvalidArgument") and "checksum" in err[2].lower())
         )
-
-    def _without_checksums(self) -> None:
-        with self._lock:
-            if self._checksums:
-                log.warning("the S3 server rejects checksums; verifying with sha256 metadata only")
-                self._checksums = False
-                self._client = self._make_client(checksums=False)
 
     def _head(self, uri: str) -> ObjectInfo | None:
         bucket, key = self._split(uri)
@@ -884,7 +754,6 @@ class S3Store(Store):
             uri,
             int(r["ContentLength"]),
             sha256=(r.get("Metadata") or {}).get(SHA256_METADATA),
-            etag=str(r.get("ETag", "")).strip('"') or None,
             checksum_sha256=r.get("ChecksumSHA256"),
         )
 
@@ -901,23 +770,27 @@ class S3Store(Store):
                 str(local), bucket, key, ExtraArgs=extra, Config=self._transfer
             )
         except Exception as exc:
-            if checksums and self._checksum_unsupported(exc):
-                self._without_checksums()
-                raise _Transient("the server rejected checksums; retrying without") from exc
-            raise
+            if not (checksums and self._checksum_unsupported(exc)):
+                raise
+            with self._lock:
+                if self._checksums:
+                    log.warning(
+                        "the S3 server rejects checksums; verifying with sha256 metadata only"
+                    )
+                    self._checksums = False
+                    self._client = self._make_client(checksums=False)
+            return self._upload(local, uri, sha256, size)
         info = self._head(uri)
         if info is None:
-            raise _Transient("the object is missing right after its upload")
-        problems = []
-        if info.size != size:
-            problems.append(f"size {info.size} != {size}")
+            raise _Unverified("the object is missing right after its upload")
+        problems = [f"size {info.size} != {size}"] if info.size != size else []
         if info.sha256 != sha256:
             problems.append("x-amz-meta-sha256 differs")
         full = info.checksum_sha256
         if full and "-" not in full and full != _b64(sha256):
             problems.append("the server's ChecksumSHA256 differs")
         if problems:
-            raise _Transient(f"upload did not verify: {', '.join(problems)}")
+            raise _Unverified(f"upload did not verify: {', '.join(problems)}")
         return info
 
     def _download(self, uri: str, dest: Path) -> ObjectInfo:
@@ -935,30 +808,20 @@ class S3Store(Store):
         pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         for page in pages:
             for obj in page.get("Contents", []):
-                yield ObjectInfo(
-                    f"s3://{bucket}/{obj['Key']}",
-                    int(obj["Size"]),
-                    etag=str(obj.get("ETag", "")).strip('"') or None,
-                )
+                yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]))
 
     def _delete(self, uri: str) -> None:
         bucket, key = self._split(uri)
         self._client.delete_object(Bucket=bucket, Key=key)
 
 
-# -- entry points -------------------------------------------------------------------------
-def open_store(
-    uri: str | os.PathLike,
-    *,
-    retry: RetryPolicy | None = None,
-    transfer: TransferSettings | None = None,
-) -> Store:
+def open_store(uri: str | os.PathLike, *, transfer: TransferSettings | None = None) -> Store:
     """The store for `uri`: `S3Store` for s3://, `LocalStore` for a path or file:// URI."""
     scheme = urlparse(os.fspath(uri)).scheme
     if scheme == "s3":
-        return S3Store(retry, transfer)
+        return S3Store(transfer)
     if scheme in ("", "file"):
-        return LocalStore(retry)
+        return LocalStore()
     raise StorageError(
         f"{os.fspath(uri)}: unsupported URI scheme {scheme!r}; use a local path, "
         "file:///path or s3://bucket/prefix"
@@ -975,31 +838,11 @@ def get_artifact(uri: str, local_dir: str | os.PathLike, **kwargs: Any) -> Manif
     return open_store(uri).get_artifact(uri, local_dir, **kwargs)
 
 
-def exists(uri: str) -> bool:
-    """Whether a complete artifact (its manifest) is at `uri`."""
-    return open_store(uri).exists(uri)
-
-
-def list_uris(uri_prefix: str) -> list[str]:
-    """URIs of every object under the folder `uri_prefix`."""
-    return open_store(uri_prefix).list(uri_prefix)
-
-
-def put_file(local: str | os.PathLike, uri: str, **kwargs: Any) -> ObjectInfo:
-    """`open_store(uri).put_file(local, uri, ...)`."""
-    return open_store(uri).put_file(local, uri, **kwargs)
-
-
 def get_file(uri: str, local: str | os.PathLike, **kwargs: Any) -> ObjectInfo:
     """`open_store(uri).get_file(uri, local, ...)`."""
     return open_store(uri).get_file(uri, local, **kwargs)
 
 
-def sync_dir_up(local_dir: str | os.PathLike, uri: str, **kwargs: Any) -> SyncResult:
-    """`open_store(uri).sync_dir_up(local_dir, uri, ...)`."""
-    return open_store(uri).sync_dir_up(local_dir, uri, **kwargs)
-
-
-def sync_dir_down(uri: str, local_dir: str | os.PathLike, **kwargs: Any) -> SyncResult | None:
-    """`open_store(uri).sync_dir_down(uri, local_dir, ...)`."""
-    return open_store(uri).sync_dir_down(uri, local_dir, **kwargs)
+def list_uris(uri_prefix: str) -> list[str]:
+    """URIs of every object under the folder `uri_prefix`."""
+    return open_store(uri_prefix).list(uri_prefix)

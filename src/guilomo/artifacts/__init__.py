@@ -169,16 +169,22 @@ class ArtifactWriter:
             (self.tmp / MANIFEST).write_text(
                 json.dumps(self.manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
             )
-            if self.dest.exists():  # overwrite: move the old one aside, then swap
-                old = self.dest.parent / f".{self.dest.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(self.dest, old)
-                os.replace(self.tmp, self.dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(self.tmp, self.dest)
+            replace_folder(self.tmp, self.dest)
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
+
+
+def replace_folder(src: Path, dest: Path) -> None:
+    """Rename the folder `src` to `dest`; an existing `dest` is moved aside first and then
+    deleted, so `dest` is always either the old folder or the new one, whole."""
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dest, old)
+        os.replace(src, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dest)
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:

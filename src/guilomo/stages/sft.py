@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..artifacts import config_hash
+from ..artifacts import config_hash, replace_folder
 from ..artifacts.adapter import write_adapter
 from ..artifacts.prepared import dataset_info, read_split
 from ..checkpoint import load_optimizer_state, optimizer_state, optimizer_state_dict
@@ -296,11 +296,7 @@ class SftTrainer:
             "config_hash": checkpoint_hash(self.config),
         }
         (tmp / CKPT_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        old = ckpt_dir.parent / f".{ckpt_dir.name}.old-{os.getpid()}"
-        if ckpt_dir.exists():
-            os.replace(ckpt_dir, old)
-        os.replace(tmp, ckpt_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, ckpt_dir)
 
     def load_checkpoint(self, ckpt_dir: Path) -> bool:
         if not (ckpt_dir / CKPT_JSON).is_file():
