@@ -9,6 +9,7 @@ adapter, reloads it into a fresh copy of the base and checks the logits are iden
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from .moe import MoeConfig, RouterConfig, build_allocation, inject_adapter, load_adapter
 from .moe.config import LossConfig, Placement, RouterKind
+from .moe.model import MoeAdapter
 
 DIGITS, SEP = 10, 10  # tokens 0-9 are digits, 10 separates input from output
 VOCAB = 16
@@ -76,6 +78,35 @@ def evaluate(
     return float(out.loss), float(ok.all(dim=1).float().mean())
 
 
+def train(
+    model: torch.nn.Module,
+    adapter: MoeAdapter,
+    *,
+    steps: int,
+    batches: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    lr: float,
+    progress: bool,
+) -> None:
+    """AdamW on the adapter: 20 warm-up steps, then a linear decay to 0."""
+    opt = torch.optim.AdamW(adapter.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps)
+    )
+    model.train()
+    bar = tqdm(range(steps), desc="train", disable=not progress, mininterval=0.5)
+    for _ in bar:
+        ids, labels = batches()
+        out = model(input_ids=ids, labels=labels)
+        aux = adapter.aux_loss()
+        loss = out.loss + aux if aux is not None else out.loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{out.loss.item():.3f}")
+    model.eval()
+
+
 def run_demo(
     *,
     out: Path,
@@ -112,23 +143,14 @@ def run_demo(
     val_ids, val_labels = sorting_batch(256, length, torch.Generator().manual_seed(seed + 1))
     loss0, acc0 = evaluate(model, val_ids, val_labels)
     adapter = inject_adapter(model, config)
-    opt = torch.optim.AdamW(adapter.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps)
+    train(
+        model,
+        adapter,
+        steps=steps,
+        batches=lambda: sorting_batch(batch_size, length, gen),
+        lr=lr,
+        progress=progress,
     )
-    model.train()
-    bar = tqdm(range(steps), desc="train", disable=not progress, mininterval=0.5)
-    for _ in bar:
-        ids, labels = sorting_batch(batch_size, length, gen)
-        out_ = model(input_ids=ids, labels=labels)
-        aux = adapter.aux_loss()
-        loss = out_.loss + aux if aux is not None else out_.loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{out_.loss.item():.3f}")
-    model.eval()
     adapter.reset_router_stats()
     loss1, acc1 = evaluate(model, val_ids, val_labels)
     stats = adapter.router_stats()

@@ -263,17 +263,8 @@ def _image_push(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_image_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register `guilomo image build | push | tags` on the top-level subparsers."""
-    image = sub.add_parser(
-        "image",
-        help="build, tag and push the container images (Docker SDK)",
-        description="Build the CUDA (docker/Dockerfile) and CPU (docker/Dockerfile.cpu) images "
-        "from the repository root, tagged REPOSITORY:VERSION and REPOSITORY:VERSION-gSHA (the "
-        "cpu variant with a -cpu suffix), never latest. Needs a Docker engine (DOCKER_HOST or "
-        "the local socket).",
-    )
-    actions = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+def _common_options() -> argparse.ArgumentParser:
+    """--variant, --repository and --quiet, shared by every `guilomo image` action."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--variant",
@@ -288,7 +279,10 @@ def add_image_parsers(sub: argparse._SubParsersAction) -> None:
         "(e.g. registry.example.com/team/guilomo; default: guilomo)",
     )
     common.add_argument("--quiet", action="store_true", help="no build / push output")
+    return common
 
+
+def _add_build_parser(actions: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     b = actions.add_parser(
         "build",
         parents=[common],
@@ -313,6 +307,20 @@ def add_image_parsers(sub: argparse._SubParsersAction) -> None:
     )
     b.set_defaults(func=_image_build)
 
+
+def add_image_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register `guilomo image build | push | tags` on the top-level subparsers."""
+    image = sub.add_parser(
+        "image",
+        help="build, tag and push the container images (Docker SDK)",
+        description="Build the CUDA (docker/Dockerfile) and CPU (docker/Dockerfile.cpu) images "
+        "from the repository root, tagged REPOSITORY:VERSION and REPOSITORY:VERSION-gSHA (the "
+        "cpu variant with a -cpu suffix), never latest. Needs a Docker engine (DOCKER_HOST or "
+        "the local socket).",
+    )
+    actions = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    common = _common_options()
+    _add_build_parser(actions, common)
     p = actions.add_parser(
         "push",
         parents=[common],

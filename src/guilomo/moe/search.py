@@ -246,56 +246,57 @@ def extract_allocation(
             s_expert[name] = torch.sigmoid(g_e.double()).tolist()
             s_rank[name] = torch.sigmoid(g_r.double()).tolist()
 
-    def total() -> int:
-        return sum(module_parameters(shapes[n], experts[n], ranks[n]) for n in experts)
-
     if budget is not None:
-        minimal = sum(module_parameters(shapes[n], top_k, [1] * top_k) for n in experts)
-        if budget < minimal:
-            raise ValueError(
-                f"budget {budget:,} is smaller than the minimal allocation ({minimal:,} "
-                f"parameters: {top_k} experts of rank 1 in each of {len(experts)} modules); "
-                "raise the budget or adapt fewer modules"
-            )
-        current = total()
-        # (value, module, kind, expert index, the rank or count this entry would shrink)
-        heap: list[tuple[float, str, str, int, int]] = []
-
-        def push(name: str) -> None:
-            n = experts[name]
-            if n > top_k:
-                heapq.heappush(heap, (s_expert[name][n - 1], name, "expert", n - 1, n))
-            for j in range(n):
-                r = ranks[name][j]
-                if r > 1:
-                    heapq.heappush(heap, (s_rank[name][j][r - 1], name, "rank", j, r))
-
-        for name in experts:
-            push(name)
-        while current > budget and heap:
-            _, name, kind, j, was = heapq.heappop(heap)
-            n = experts[name]
-            if (
-                kind == "expert"
-                and n != was
-                or kind == "rank"
-                and (j >= n or ranks[name][j] != was)
-            ):
-                continue  # stale: the choice it describes has changed
-            before = module_parameters(shapes[name], n, ranks[name])
-            if kind == "expert":
-                experts[name] = n - 1
-                ranks[name] = ranks[name][: n - 1]
-                if experts[name] > top_k:
-                    heapq.heappush(heap, (s_expert[name][n - 2], name, "expert", n - 2, n - 1))
-            else:
-                ranks[name][j] -= 1
-                if ranks[name][j] > 1:
-                    r = ranks[name][j]
-                    heapq.heappush(heap, (s_rank[name][j][r - 1], name, "rank", j, r))
-            current += module_parameters(shapes[name], experts[name], ranks[name]) - before
+        _trim_to_budget(experts, ranks, s_expert, s_rank, shapes=shapes, top_k=top_k, budget=budget)
     modules = {
         n: ModuleAllocation(experts=experts[n], top_k=min(top_k, experts[n]), ranks=ranks[n])
         for n in experts
     }
     return Allocation(base_model=base_model, modules=modules)
+
+
+def _trim_to_budget(
+    experts: dict[str, int],
+    ranks: dict[str, list[int]],
+    s_expert: Mapping[str, list[float]],
+    s_rank: Mapping[str, list[list[float]]],
+    *,
+    shapes: Mapping[str, tuple[int, int]],
+    top_k: int,
+    budget: int,
+) -> None:
+    """Drop the least likely choice (by `s_expert` / `s_rank`) until the allocation
+    (`experts`, `ranks`, changed in place) fits `budget` parameters."""
+    minimal = sum(module_parameters(shapes[n], top_k, [1] * top_k) for n in experts)
+    if budget < minimal:
+        raise ValueError(
+            f"budget {budget:,} is smaller than the minimal allocation ({minimal:,} "
+            f"parameters: {top_k} experts of rank 1 in each of {len(experts)} modules); "
+            "raise the budget or adapt fewer modules"
+        )
+    current = sum(module_parameters(shapes[n], experts[n], ranks[n]) for n in experts)
+    # (value, module, kind, expert index, the rank or count this entry would shrink)
+    heap: list[tuple[float, str, str, int, int]] = []
+    for name, n in experts.items():
+        if n > top_k:
+            heap.append((s_expert[name][n - 1], name, "expert", n - 1, n))
+        heap += [
+            (s_rank[name][j][r - 1], name, "rank", j, r) for j, r in enumerate(ranks[name]) if r > 1
+        ]
+    heapq.heapify(heap)
+    while current > budget and heap:
+        _, name, kind, j, was = heapq.heappop(heap)
+        n = experts[name]
+        if kind == "expert" and n != was or kind == "rank" and (j >= n or ranks[name][j] != was):
+            continue  # stale: the choice it describes has changed
+        before = module_parameters(shapes[name], n, ranks[name])
+        if kind == "expert":
+            experts[name] = n - 1
+            ranks[name] = ranks[name][: n - 1]
+            if n - 1 > top_k:
+                heapq.heappush(heap, (s_expert[name][n - 2], name, "expert", n - 2, n - 1))
+        else:
+            ranks[name][j] = r = ranks[name][j] - 1
+            if r > 1:
+                heapq.heappush(heap, (s_rank[name][j][r - 1], name, "rank", j, r))
+        current += module_parameters(shapes[name], experts[name], ranks[name]) - before
