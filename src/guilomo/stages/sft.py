@@ -152,6 +152,16 @@ def _full_options(**options: bool) -> StateDictOptions:
     return StateDictOptions(full_state_dict=True, **options)
 
 
+def _task_types(records: Sequence[dict]) -> list[int]:
+    types = [int(r.get("task_type", -1)) for r in records]
+    if min(types) < 0:
+        raise ValueError(
+            "losses.localized_coef > 0 needs each record's task_type: preprocess the data "
+            "again (it records one per data set)"
+        )
+    return types
+
+
 class SftTrainer:
     def __init__(
         self,
@@ -179,14 +189,7 @@ class SftTrainer:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
         #: each example's task type, for LoRAMoE's localized balancing (None: not used)
-        self.task_types = None
-        if config.losses.localized_coef > 0:
-            self.task_types = [int(r.get("task_type", -1)) for r in records]
-            if min(self.task_types) < 0:
-                raise ValueError(
-                    "losses.localized_coef > 0 needs each record's task_type: preprocess the "
-                    "data again (it records one per data set)"
-                )
+        self.task_types = _task_types(records) if config.losses.localized_coef > 0 else None
         self.model = model
         torch.manual_seed(config.seed)  # fresh adapter weights, the same on every process
         moe = MoeConfig(
@@ -321,6 +324,36 @@ class SftTrainer:
         return True
 
     # -- training ----------------------------------------------------------------------
+    def _accumulate(self, micro: list[list[int]], device: torch.device) -> tuple[torch.Tensor, int]:
+        """Forward and backward over this process's micro-batches of one step, gradients
+        averaged over all processes; returns the step's mean CE and this process's tokens."""
+        tokens, step_loss = 0, torch.zeros((), device=device)
+        for n, idx in enumerate(micro, start=1):
+            if self.fsdp:  # reduce-scatter the summed gradients once, on the last backward
+                self.model.set_requires_gradient_sync(n == len(micro))
+            batch = {
+                k: v.to(device)
+                for k, v in collate([self.examples[i] for i in idx], self.pad_id).items()
+            }
+            if self.task_types is not None:
+                types = [self.task_types[i] for i in idx]
+                self.adapter.set_task_types(torch.tensor(types, device=device))
+            out = self.model(**batch)
+            aux = self.adapter.aux_loss()
+            loss = out.loss if aux is None else out.loss + aux
+            (loss / len(micro)).backward()
+            step_loss += out.loss.detach() / len(micro)
+            tokens += int(batch["attention_mask"].sum())
+        if self.world > 1:
+            if self.fsdp:  # its reduce-scatter has averaged the gradients already
+                (step_loss,) = all_reduce_sum([step_loss])
+            else:  # one collective for every adapter gradient and the loss
+                *grads, step_loss = all_reduce_sum([*(p.grad for p in self.params), step_loss])
+                for p, g in zip(self.params, grads, strict=True):
+                    p.grad = g.div_(self.world)
+            step_loss /= self.world
+        return step_loss, tokens
+
     def train(
         self,
         ckpt_dir: Path | None,
@@ -344,32 +377,8 @@ class SftTrainer:
             torch.manual_seed(step_seed(self.config.seed, step, self.rank))  # this step's dropout
             mine = self.schedule[step][self.rank :: self.world]
             lr = float(self.opt.param_groups[0]["lr"])  # the rate this step applies
-            step_tokens, t_step = 0, time.perf_counter()
-            step_loss = torch.zeros((), device=device)
-            for n, idx in enumerate(mine, start=1):
-                if self.fsdp:  # reduce-scatter the summed gradients once, on the last backward
-                    self.model.set_requires_gradient_sync(n == len(mine))
-                batch = {
-                    k: v.to(device)
-                    for k, v in collate([self.examples[i] for i in idx], self.pad_id).items()
-                }
-                if self.task_types is not None:
-                    types = [self.task_types[i] for i in idx]
-                    self.adapter.set_task_types(torch.tensor(types, device=device))
-                out = self.model(**batch)
-                aux = self.adapter.aux_loss()
-                loss = out.loss if aux is None else out.loss + aux
-                (loss / len(mine)).backward()
-                step_loss += out.loss.detach() / len(mine)
-                step_tokens += int(batch["attention_mask"].sum())
-            if self.world > 1:
-                if self.fsdp:  # its reduce-scatter has averaged the gradients already
-                    (step_loss,) = all_reduce_sum([step_loss])
-                else:  # one collective for every adapter gradient and the loss
-                    *grads, step_loss = all_reduce_sum([*(p.grad for p in self.params), step_loss])
-                    for p, g in zip(self.params, grads, strict=True):
-                        p.grad = g.div_(self.world)
-                step_loss /= self.world
+            t_step = time.perf_counter()
+            step_loss, step_tokens = self._accumulate(mine, device)
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
