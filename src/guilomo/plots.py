@@ -160,6 +160,28 @@ def _tall_figure(n_rows: int, width: float) -> tuple[Figure, Axes]:
     return plt.subplots(figsize=(width, height), dpi=DPI)
 
 
+def _per_expert(
+    labels: Sequence[str], grid: np.ndarray, path: Path, *, title: str, unit: str, max_cols: int = 0
+) -> Path:
+    """A module x expert heatmap, one row per module; cells annotated while they stay legible."""
+    fig, ax = _tall_figure(len(labels), width=max(5.0, 0.45 * grid.shape[1] + 3.5))
+    annotate = len(labels) <= 60 and (max_cols == 0 or grid.shape[1] <= max_cols)
+    cols = [str(j) for j in range(grid.shape[1])]
+    _heatmap(
+        fig,
+        ax,
+        grid,
+        labels,
+        cols,
+        title=title,
+        xlabel="expert",
+        ylabel="module",
+        cbar_label=unit,
+        annotate=annotate,
+    )
+    return _save(fig, path)
+
+
 def _heatmap(
     fig: Figure,
     ax: Axes,
@@ -260,20 +282,9 @@ def allocation_heatmaps(alloc: Allocation, out_dir: Path) -> list[Path]:
     experts_png = _save(fig, out_dir / "allocation_experts.png")
 
     labels, rgrid = ranks_grid(alloc)
-    fig, ax = _tall_figure(len(labels), width=max(5.0, 0.45 * rgrid.shape[1] + 3.5))
-    _heatmap(
-        fig,
-        ax,
-        rgrid,
-        labels,
-        [str(j) for j in range(rgrid.shape[1])],
-        title="Rank per expert",
-        xlabel="expert",
-        ylabel="module",
-        cbar_label="rank",
-        annotate=len(labels) <= 60,
+    ranks_png = _per_expert(
+        labels, rgrid, out_dir / "allocation_ranks.png", title="Rank per expert", unit="rank"
     )
-    ranks_png = _save(fig, out_dir / "allocation_ranks.png")
     return [experts_png, ranks_png]
 
 
@@ -624,18 +635,6 @@ def expert_load(stats: dict[str, Sequence[float]], path: Path) -> Path:
     if not stats:
         raise ValueError("no router statistics to plot (the adapter routed no tokens)")
     labels, grid = expert_load_grid(stats)
-    fig, ax = _tall_figure(len(labels), width=max(5.0, 0.45 * grid.shape[1] + 3.5))
-    _heatmap(
-        fig,
-        ax,
-        grid,
-        labels,
-        [str(j) for j in range(grid.shape[1])],
-        title="Expert load (share of routed tokens)",
-        xlabel="expert",
-        ylabel="module",
-        cbar_label="share",
-        annotate=len(labels) <= 60 and grid.shape[1] <= 16,
-    )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, Path(path))
+    title = "Expert load (share of routed tokens)"
+    return _per_expert(labels, grid, Path(path), title=title, unit="share", max_cols=16)
