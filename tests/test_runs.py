@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from conftest import tiny_llama, tiny_tokenizer
 from guilomo.artifacts import read_artifact
 from guilomo.runs import RunConfig, load_run_config
+from guilomo.tracking import stage_records
 from servers import MlflowServer, free_ports
 
 GUILOMO = str(Path(sys.executable).parent / "guilomo")
@@ -175,7 +176,7 @@ def test_unreachable_tracking_server_stops_the_run_before_any_stage(tmp_path, ti
 
 
 @pytest.mark.slow
-def test_run_rerun_and_lineage_tracked_on_a_real_mlflow_server(tmp_path, tiny, server):
+def test_run_rerun_and_lineage_tracked_on_a_real_mlflow_server(tmp_path, tiny, server, monkeypatch):
     _, config = tiny
     env = {"MLFLOW_TRACKING_URI": server.uri}
     ckpt_root = tmp_path / "checkpoints"  # a store URI: a folder here, s3:// on a cluster
@@ -269,7 +270,10 @@ def test_run_rerun_and_lineage_tracked_on_a_real_mlflow_server(tmp_path, tiny, s
     second = parent_id(r.stdout)
     again = children(client, second)
     assert set(again) == {"sft", "evaluate"}
-    assert again["sft"].data.tags["guilomo.input.allocation"] == alloc_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    (sft_again,) = [rec for rec in stage_records(second) if rec.stage == "sft"]
+    assert sft_again.inputs["allocation"] == alloc_uri  # the old allocation, by its digest
+    assert sft_again.digests[alloc_uri] == read_artifact(Path(alloc_uri)).digest
     assert again["sft"].data.params["lr"] == "0.0005"
     assert client.get_run(second).data.tags["guilomo.rerun_of"] == first
 

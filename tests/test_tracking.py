@@ -148,10 +148,10 @@ def test_pipeline_lineage(uri, client, tmp_path):
     assert rec.outputs == {"adapter": adapter}
     assert rec_ev.inputs == {"adapter": adapter, "dataset": ds}
     assert rec_ev.outputs == {"report": report}
-    for path in (ds, alloc, adapter):
-        assert rec.digests[path] == manifest_digest(path)
-    assert rec_ev.digests[report] == manifest_digest(report)
-    assert rec.models == {"adapter": model_id}
+    # the lineage read back: inputs from the dataset inputs, digests from the manifests
+    assert rec.digests == {path: manifest_digest(path) for path in (ds, alloc, adapter)}
+    assert rec_ev.digests == {path: manifest_digest(path) for path in (adapter, ds, report)}
+    assert rec.models == [model_id] and rec_ev.models == []
     assert rec.metrics == {"train_loss": pytest.approx(1 / 3)}
     assert rec_ev.metrics == {"accuracy": 0.75}
 
@@ -273,13 +273,13 @@ def test_s3_artifacts(sqlite_uri, monkeypatch, tmp_path):
             with pytest.raises(TrackingError, match=f"s3://{BUCKET}/t/none: no manifest.json"):
                 t.log_output("other", f"s3://{BUCKET}/t/none")
         end_pipeline_run(parent)
-    (rec,) = stage_records(parent)
-    assert rec.inputs == {"dataset": ds_uri}
-    assert rec.outputs == {"adapter": adapter_uri.rstrip("/")}  # recorded without the slash
-    assert rec.digests == {
-        ds_uri: manifest_digest(ds),
-        rec.outputs["adapter"]: manifest_digest(adapter),
-    }
+        (rec,) = stage_records(parent)
+        assert rec.inputs == {"dataset": ds_uri}
+        assert rec.outputs == {"adapter": adapter_uri.rstrip("/")}  # recorded without the slash
+        assert rec.digests == {  # read from the uploaded manifests
+            ds_uri: manifest_digest(ds),
+            rec.outputs["adapter"]: manifest_digest(adapter),
+        }
     client = MlflowClient(tracking_uri=sqlite_uri)
     (di,) = client.get_run(rec.run_id).inputs.dataset_inputs
     assert di.dataset.source_type == "s3" and json.loads(di.dataset.source) == {"uri": ds_uri}
@@ -288,8 +288,8 @@ def test_s3_artifacts(sqlite_uri, monkeypatch, tmp_path):
 
 
 def test_same_content_at_a_new_uri(uri, client, tmp_path):
-    """MLflow keeps one dataset per (experiment, name, digest) and its first source; the run
-    tag and the input tag record where this run read the artifact."""
+    """MLflow keeps one dataset per (experiment, name, digest) and its first source; the input
+    tag records where this run read the artifact, and stage_records reads it back."""
     first = make_artifact(tmp_path / "a", "PreparedDataset", "preprocess", b"same rows")
     copy = make_artifact(tmp_path / "b", "PreparedDataset", "preprocess", b"same rows")
     assert manifest_digest(first) == manifest_digest(copy)
