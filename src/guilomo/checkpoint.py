@@ -1,18 +1,46 @@
-"""Training state to safetensors + JSON: optimiser, LR schedule and RNG, no pickles.
+"""The checkpointer of SFT and the search: safetensors + JSON, no pickles, one folder.
 
-`optimizer_state(prefix, opt)` splits an optimiser's state dict into tensors (for a
-safetensors file) and plain JSON (param groups and the key layout); `load_optimizer_state`
-puts them back. Used by the search and SFT checkpoints. Both also work on a plain state
-dict in the optimiser's own layout (parameters numbered in order), so a state gathered
-from FSDP shards is written and read in the same format as a single process's.
+`save_checkpoint(folder, documents=..., tensors=...)` writes the JSON documents and the
+safetensors files into a temporary sibling folder and swaps it in whole, so an interrupted save leaves the
+previous checkpoint. `optimizer_state(prefix, opt)` splits an optimiser's state dict into
+tensors and plain JSON (param groups and the key layout); `load_optimizer_state` puts them
+back. Both also work on a plain state dict in the optimiser's own layout (parameters
+numbered in order), so a state gathered from FSDP shards is written and read in the same
+format as a single process's.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+
+from .folders import replace_folder
+
+
+def save_checkpoint(
+    folder: Path,
+    *,
+    documents: Mapping[str, Any],
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+) -> None:
+    """Make `folder` hold exactly these files: file name -> JSON document, and file name ->
+    tensors (a safetensors file), written into a sibling folder first and swapped in whole."""
+    folder = Path(folder)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, part in tensors.items():
+        save_file({k: v.contiguous().cpu() for k, v in part.items()}, str(tmp / name))
+    for name, doc in documents.items():
+        (tmp / name).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    replace_folder(tmp, folder)
 
 
 def optimizer_state(

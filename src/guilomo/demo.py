@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .moe import MoeConfig, RouterConfig, build_allocation, inject_adapter, load_adapter
 from .moe.config import LossConfig, Placement, RouterKind
 from .moe.model import MoeAdapter
+from .training import run_steps
 
 DIGITS, SEP = 10, 10  # tokens 0-9 are digits, 10 separates input from output
 VOCAB = 16
@@ -85,6 +85,7 @@ def train(
     steps: int,
     batches: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     lr: float,
+    seed: int,
     progress: bool,
 ) -> None:
     """AdamW on the adapter: 20 warm-up steps, then a linear decay to 0."""
@@ -93,8 +94,8 @@ def train(
         opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps)
     )
     model.train()
-    bar = tqdm(range(steps), desc="train", disable=not progress, mininterval=0.5)
-    for _ in bar:
+
+    def step(i: int) -> dict[str, float]:
         ids, labels = batches()
         out = model(input_ids=ids, labels=labels)
         aux = adapter.aux_loss()
@@ -103,7 +104,9 @@ def train(
         loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{out.loss.item():.3f}")
+        return {"loss": float(out.loss)}
+
+    run_steps(step, start=0, end=steps, seed=seed, desc="train", progress=progress)
     model.eval()
 
 
@@ -149,6 +152,7 @@ def run_demo(
         steps=steps,
         batches=lambda: sorting_batch(batch_size, length, gen),
         lr=lr,
+        seed=seed,
         progress=progress,
     )
     adapter.reset_router_stats()

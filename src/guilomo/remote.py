@@ -45,8 +45,8 @@ from .artifacts import (
     Manifest,
     read_artifact,
     read_manifest,
-    replace_folder,
 )
+from .folders import replace_folder
 from .storage import StorageError, open_store
 
 log = logging.getLogger(__name__)

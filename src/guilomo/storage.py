@@ -53,9 +53,9 @@ from .artifacts import (
     ArtifactKind,
     Manifest,
     read_artifact,
-    replace_folder,
     sha256_file,
 )
+from .folders import replace_folder
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import __version__
+from ..folders import replace_folder
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -173,18 +174,6 @@ class ArtifactWriter:
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
-
-
-def replace_folder(src: Path, dest: Path) -> None:
-    """Rename the folder `src` to `dest`; an existing `dest` is moved aside first and then
-    deleted, so `dest` is always either the old folder or the new one, whole."""
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dest, old)
-        os.replace(src, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dest)
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:

@@ -10,13 +10,12 @@ the tensors (`search_state.safetensors`) hold, per module NAME, ``gsv.NAME.exper
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 KIND = "SearchState"  # the manifest kind
 STATE_JSON = "search_state.json"
@@ -39,15 +38,11 @@ def gsvs(doc: Mapping, tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
 
 
 def write_state(out_dir: Path, doc: Mapping, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write both files beside their final names and rename them into place, the JSON last
-    (a folder whose JSON is there holds a complete state)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_t, tmp_j = out_dir / (STATE_TENSORS + ".tmp"), out_dir / (STATE_JSON + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp_t))
-    tmp_j.write_text(json.dumps({"kind": DOC_KIND, **doc}, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_t, out_dir / STATE_TENSORS)
-    os.replace(tmp_j, out_dir / STATE_JSON)
+    """Make `out_dir` a search state folder (swapped in whole: see `save_checkpoint`)."""
+    from ..checkpoint import save_checkpoint
+
+    documents = {STATE_JSON: {"kind": DOC_KIND, **doc}}
+    save_checkpoint(Path(out_dir), documents=documents, tensors={STATE_TENSORS: tensors})
 
 
 def publish_state(

@@ -23,7 +23,7 @@ weighted by the share of rows, i.e. averaged over the shards.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -41,6 +41,7 @@ from ..moe.search import (
     mode_parameters,
     weight_parameters,
 )
+from ..training import linear_schedule
 
 Batch = Mapping[str, torch.Tensor]
 Order = Literal["first", "second"]
@@ -70,17 +71,6 @@ def shard(batch: Batch, rank: int, world_size: int) -> Shard:
     labelled = batch["labels"][:, 1:] != -100  # the tokens HF's loss averages over
     ce_weight = float(labelled[mine].sum()) / max(float(labelled.sum()), 1.0)
     return Shard({k: v[mine] for k, v in batch.items()}, ce_weight, len(mine) / rows)
-
-
-def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
-    """LR factor: linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
 
 
 class SizeControl:

@@ -24,6 +24,7 @@ Output folder:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..artifacts.search_state import (
     STATE_JSON,
@@ -46,7 +46,7 @@ from ..artifacts.search_state import (
 )
 from ..checkpoint import load_optimizer_state, optimizer_state
 from ..config import SearchConfig
-from ..distributed import all_reduce_sum, barrier, step_seed, world
+from ..distributed import all_reduce_sum, world
 from ..moe.config import LossConfig
 from ..moe.model import MoeAdapter
 from ..moe.search import (
@@ -56,6 +56,7 @@ from ..moe.search import (
     size_range,
 )
 from ..remote import mirror_checkpoints
+from ..training import run_steps, save_point
 from . import Context, Metrics, StepHook
 from .bilevel import Batch, BilevelSearch, SizeControl
 
@@ -265,12 +266,6 @@ class SearchRun:
             ]
 
     # -- the loop ----------------------------------------------------------------------
-    def _checkpoint(self, out_dir: Path, on_checkpoint: Callable[[], None] | None) -> None:
-        self.save(out_dir)
-        if on_checkpoint is not None and self.search.rank == 0:
-            on_checkpoint()
-        barrier()  # no process reads or resumes a half-written state
-
     def run(
         self,
         train: Sequence[Batch],
@@ -287,32 +282,35 @@ class SearchRun:
         `on_checkpoint()` follows every save to `out_dir`."""
         if not train or not val:
             raise ValueError("the search needs non-empty train and validation splits")
-        out_dir = Path(out_dir)
-        start = 0
+        out_dir, cfg = Path(out_dir), self.config
         if has_state(out_dir):
             self.load(out_dir)
-            start = self.search.step_count
-        cfg = self.config
+        start = self.search.step_count
         end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-        rank = self.search.rank
-        bar = tqdm(
-            range(start, end), desc="search", disable=not progress or rank != 0, mininterval=0.5
+
+        def step(i: int) -> dict[str, float]:
+            info = self.search.step(_batch_at(train, i, cfg.seed), _batch_at(val, i, cfg.seed + 1))
+            self.losses.append({"step": i, **info})
+            if i % cfg.history_every == 0 or i == cfg.steps - 1:
+                self.history.append((i, gsv_tensors(self.adapter)))
+            return info
+
+        save = functools.partial(self.save, out_dir)
+        run_steps(
+            step,
+            start=start,
+            end=end,
+            seed=cfg.seed,
+            desc="search",
+            shown=("train_loss", "val_loss"),
+            progress=progress,
+            on_step=on_step,
+            save=save,
+            checkpoint_every=cfg.checkpoint_every,
+            on_checkpoint=on_checkpoint,
         )
-        for step in bar:
-            torch.manual_seed(step_seed(cfg.seed, step, rank))  # this step's dropout
-            info = self.search.step(
-                _batch_at(train, step, cfg.seed), _batch_at(val, step, cfg.seed + 1)
-            )
-            self.losses.append({"step": step, **info})
-            if step % cfg.history_every == 0 or step == cfg.steps - 1:
-                self.history.append((step, gsv_tensors(self.adapter)))
-            bar.set_postfix(train=f"{info['train_loss']:.3f}", val=f"{info['val_loss']:.3f}")
-            if on_step is not None and rank == 0:
-                on_step(step + 1, dict(info))
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-                self._checkpoint(out_dir, on_checkpoint)
-        if start >= end:
-            self._checkpoint(out_dir, on_checkpoint)
+        if start >= end:  # nothing to do: the folder still gets (keeps) its state
+            save_point(save, on_checkpoint)
         return SearchResult(
             out_dir=out_dir, steps=self.search.step_count, resumed_from=start, losses=self.losses
         )

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,21 +29,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
+from safetensors.torch import load_file
 
-from ..artifacts import config_hash, replace_folder
+from ..artifacts import config_hash
 from ..artifacts.adapter import write_adapter
 from ..artifacts.prepared import dataset_info, read_split
-from ..checkpoint import load_optimizer_state, optimizer_state, optimizer_state_dict
+from ..checkpoint import (
+    load_optimizer_state,
+    optimizer_state,
+    optimizer_state_dict,
+    save_checkpoint,
+)
 from ..config import SftConfig
 from ..data.prompts import collate, length_grouped_batches, tokenize_example
-from ..distributed import all_reduce_sum, barrier, step_seed, world
+from ..distributed import all_reduce_sum, world
 from ..moe.config import Allocation, MoeConfig
 from ..moe.model import MoeAdapter, inject_adapter
 from ..remote import mirror_checkpoints
+from ..training import linear_schedule, run_steps
 from . import Context, Metrics, StepHook
-from .bilevel import linear_schedule
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -282,15 +284,7 @@ class SftTrainer:
         weights, osd = self.adapter_weights(), self._optimizer_state()
         if weights is None or osd is None:
             return  # not the writing process
-        tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(
-            {k: v.contiguous().cpu() for k, v in weights.items()},
-            str(tmp / ADAPTER_TENSORS),
-        )
         tensors, meta = optimizer_state("opt", osd)
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / CKPT_TENSORS))
         doc = {
             "step": self.step,
             "optimizer": meta,
@@ -298,8 +292,11 @@ class SftTrainer:
             "losses": self.losses,
             "config_hash": checkpoint_hash(self.config),
         }
-        (tmp / CKPT_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        replace_folder(tmp, ckpt_dir)
+        save_checkpoint(
+            ckpt_dir,
+            documents={CKPT_JSON: doc},
+            tensors={ADAPTER_TENSORS: weights, CKPT_TENSORS: tensors},
+        )
 
     def load_checkpoint(self, ckpt_dir: Path) -> bool:
         if not (ckpt_dir / CKPT_JSON).is_file():
@@ -370,36 +367,34 @@ class SftTrainer:
         self.model.train()
         device = next(self.model.parameters()).device
         tokens, t0 = 0, time.perf_counter()
-        bar = tqdm(
-            range(start, end), desc="sft", disable=not progress or self.rank != 0, mininterval=0.5
-        )
-        for step in bar:
-            torch.manual_seed(step_seed(self.config.seed, step, self.rank))  # this step's dropout
-            mine = self.schedule[step][self.rank :: self.world]
+
+        def step(i: int) -> dict[str, float]:
+            nonlocal tokens
             lr = float(self.opt.param_groups[0]["lr"])  # the rate this step applies
             t_step = time.perf_counter()
-            step_loss, step_tokens = self._accumulate(mine, device)
+            loss, step_tokens = self._accumulate(self.schedule[i][self.rank :: self.world], device)
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
-            self.step = step + 1
-            self.losses.append(float(step_loss))
+            self.step = i + 1
+            self.losses.append(float(loss))
             tokens += step_tokens
-            rate = tokens * self.world / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{self.losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
-            if on_step is not None and self.rank == 0:
-                step_rate = step_tokens * self.world / max(time.perf_counter() - t_step, 1e-9)
-                on_step(
-                    self.step,
-                    {"loss": self.losses[-1], "lr": lr, "step_tokens_per_second": step_rate},
-                )
-            if ckpt_dir is not None and (
-                self.step % self.config.checkpoint_every == 0 or self.step == end
-            ):
-                self.save_checkpoint(ckpt_dir)  # every process: FSDP gathers, rank 0 writes
-                if self.rank == 0 and on_checkpoint is not None:
-                    on_checkpoint()
-                barrier()
+            rate = step_tokens * self.world / max(time.perf_counter() - t_step, 1e-9)
+            return {"loss": self.losses[-1], "lr": lr, "step_tokens_per_second": rate}
+
+        run_steps(
+            step,
+            start=start,
+            end=end,
+            seed=self.config.seed,
+            desc="sft",
+            shown=("loss", "step_tokens_per_second"),
+            progress=progress,
+            on_step=on_step,
+            save=None if ckpt_dir is None else lambda: self.save_checkpoint(ckpt_dir),
+            checkpoint_every=self.config.checkpoint_every,
+            on_checkpoint=on_checkpoint,
+        )
         elapsed = max(time.perf_counter() - t0, 1e-9)
         return SftResult(
             out=Path(),

@@ -1,0 +1,78 @@
+"""The training loop of SFT, the search and the demo: seeded steps, progress, the step hook
+and the checkpoint cadence. The caller brings one step (forward, backward, optimiser) and
+how to save; `run_steps` does the rest the same way for all three.
+
+Each step reseeds the global RNG from (seed, step, rank) before it runs, so dropout is a
+function of where the run is: a resumed run (or any rank of a resumed torchrun job) draws
+what the uninterrupted one drew.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .distributed import barrier, step_seed, world
+
+StepHook = Callable[[int, dict[str, float]], None]
+
+
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """LR factor: linear warm-up over `warmup` steps, then linear decay to 0 at `total`.
+    (Hand-written: transformers' get_linear_schedule_with_warmup gives step 0 a learning
+    rate of 0, a step that trains nothing; this one starts at lr / warmup.)"""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def save_point(save: Callable[[], None], on_checkpoint: Callable[[], None] | None) -> None:
+    """Save on every process (FSDP gathers, rank 0 writes), then `on_checkpoint()` on rank 0
+    (e.g. the push to the object store), then wait, so that no process reads or resumes a
+    half-written checkpoint."""
+    save()
+    if on_checkpoint is not None and world()[0] == 0:
+        on_checkpoint()
+    barrier()
+
+
+def _short(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3f}"
+
+
+def run_steps(
+    step: Callable[[int], dict[str, float]],
+    *,
+    start: int,
+    end: int,
+    seed: int,
+    desc: str,
+    shown: Sequence[str] = ("loss",),
+    progress: bool = True,
+    on_step: StepHook | None = None,
+    save: Callable[[], None] | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[], None] | None = None,
+) -> None:
+    """Steps `start` .. `end` - 1 of `step(i) -> metrics`, each after reseeding the RNG.
+
+    A progress bar (rank 0, `progress`) shows the metrics named in `shown`; `on_step(i + 1,
+    metrics)` follows each step on rank 0; with `save`, a checkpoint follows every
+    `checkpoint_every` steps and the last one (see `save_point`).
+    """
+    rank = world()[0]
+    bar = tqdm(range(start, end), desc=desc, disable=not progress or rank != 0, mininterval=0.5)
+    for i in bar:
+        torch.manual_seed(step_seed(seed, i, rank))
+        metrics = step(i)
+        bar.set_postfix({k: _short(metrics[k]) for k in shown if k in metrics})
+        if on_step is not None and rank == 0:
+            on_step(i + 1, metrics)
+        if save is not None and ((i + 1) % checkpoint_every == 0 or i + 1 == end):
+            save_point(save, on_checkpoint)
