@@ -8,6 +8,7 @@ adapter, reloads it into a fresh copy of the base and checks the logits are iden
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,33 +129,21 @@ def run_demo(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = make_base(seed)
-    names = [n for n, _ in model.named_modules()]
     alloc = build_allocation(
         base_model="random-llama-4l",
-        module_names=names,
+        module_names=[n for n, _ in model.named_modules()],
         preset=preset,
         placement=placement,
         rank=rank,
         top_k=2,
     )
-    config = MoeConfig(
-        allocation=alloc,
-        lora_dropout=0.0,
-        router=RouterConfig(kind=router),
-        losses=LossConfig(balance_coef=0.01),
-    )
+    router_config, losses = RouterConfig(kind=router), LossConfig(balance_coef=0.01)
+    config = MoeConfig(allocation=alloc, lora_dropout=0.0, router=router_config, losses=losses)
     val_ids, val_labels = sorting_batch(256, length, torch.Generator().manual_seed(seed + 1))
     loss0, acc0 = evaluate(model, val_ids, val_labels)
     adapter = inject_adapter(model, config)
-    train(
-        model,
-        adapter,
-        steps=steps,
-        batches=lambda: sorting_batch(batch_size, length, gen),
-        lr=lr,
-        seed=seed,
-        progress=progress,
-    )
+    batches = functools.partial(sorting_batch, batch_size, length, gen)
+    train(model, adapter, steps=steps, batches=batches, lr=lr, seed=seed, progress=progress)
     adapter.reset_router_stats()
     loss1, acc1 = evaluate(model, val_ids, val_labels)
     stats = adapter.router_stats()
