@@ -206,15 +206,16 @@ class _MoeBase(nn.Module):
     def __init__(
         self,
         *,
+        base_layer: nn.Module,
         name: str,
-        in_features: int,
         allocation: ModuleAllocation,
         config: MoeConfig,
-        state: RoutingState | None,
-        expert_impl: ExpertImpl,
-        dtype: torch.dtype,
+        state: RoutingState | None = None,
+        expert_impl: ExpertImpl = "fused",
     ) -> None:
         super().__init__()
+        first = self._input_linear(base_layer)
+        in_features, dtype = first.in_features, _adapter_dtype(first.weight)
         self.name = name
         self.allocation = allocation
         self.ranks = list(allocation.ranks)
@@ -239,6 +240,17 @@ class _MoeBase(nn.Module):
             _gate_to_cols(self.ranks, config.lora_alpha, dtype),
             persistent=False,
         )
+        self.base_layer = base_layer
+        self._add_lora(config, dtype, first.weight.device)
+        self.to(first.weight.device)
+
+    @staticmethod
+    def _input_linear(base_layer: nn.Module) -> nn.Linear:
+        """The linear layer the input enters (its width, dtype and device are the layer's)."""
+        raise NotImplementedError
+
+    def _add_lora(self, config: MoeConfig, dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
 
     def _route(
         self, h: torch.Tensor, lead: tuple[int, ...], logits: torch.Tensor | None = None
@@ -288,34 +300,16 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 class LoraMoeLinear(_MoeBase):
     """A frozen `nn.Linear` plus a mixture of LoRA experts with per-expert ranks."""
 
-    def __init__(
-        self,
-        *,
-        base_layer: nn.Linear,
-        name: str,
-        allocation: ModuleAllocation,
-        config: MoeConfig,
-        state: RoutingState | None = None,
-        expert_impl: ExpertImpl = "fused",
-    ) -> None:
-        dtype = _adapter_dtype(base_layer.weight)
-        super().__init__(
-            name=name,
-            in_features=base_layer.in_features,
-            allocation=allocation,
-            config=config,
-            state=state,
-            expert_impl=expert_impl,
-            dtype=dtype,
-        )
-        self.base_layer = base_layer
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
-        device = base_layer.weight.device
+    @staticmethod
+    def _input_linear(base_layer: nn.Module) -> nn.Linear:
+        return base_layer
+
+    def _add_lora(self, config: MoeConfig, dtype: torch.dtype, device: torch.device) -> None:
+        self.in_features = self.base_layer.in_features
+        self.out_features = self.base_layer.out_features
         self.lora_A, self.lora_B = _new_lora(
             sum(self.ranks), self.in_features, self.out_features, dtype, device
         )
-        self.to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = tuple(x.shape[:-1])
@@ -398,31 +392,14 @@ class MixLoraMlp(_MoeBase):
     rank r_e scaled by alpha / r_e; y = sum_e w_e(x) expert_e(x) with one router per layer.
     """
 
-    def __init__(
-        self,
-        *,
-        base_layer: nn.Module,
-        name: str,
-        allocation: ModuleAllocation,
-        config: MoeConfig,
-        state: RoutingState | None = None,
-        expert_impl: ExpertImpl = "fused",
-    ) -> None:
-        gate: nn.Linear = base_layer.gate_proj
-        dtype = _adapter_dtype(gate.weight)
-        super().__init__(
-            name=name,
-            in_features=gate.in_features,
-            allocation=allocation,
-            config=config,
-            state=state,
-            expert_impl=expert_impl,
-            dtype=dtype,
-        )
-        self.base_layer = base_layer
-        self.hidden = gate.in_features
-        self.intermediate = gate.out_features
-        rows, device = sum(self.ranks), gate.weight.device
+    @staticmethod
+    def _input_linear(base_layer: nn.Module) -> nn.Linear:
+        return base_layer.gate_proj
+
+    def _add_lora(self, config: MoeConfig, dtype: torch.dtype, device: torch.device) -> None:
+        gate: nn.Linear = self.base_layer.gate_proj
+        self.hidden, self.intermediate = gate.in_features, gate.out_features
+        rows = sum(self.ranks)
         self.gate_lora_A, self.gate_lora_B = _new_lora(
             rows, self.hidden, self.intermediate, dtype, device
         )
@@ -433,9 +410,8 @@ class MixLoraMlp(_MoeBase):
             rows, self.intermediate, self.hidden, dtype, device
         )
         # Slots per token: experts a token can use at once under this routing rule.
-        kind = config.router.kind
-        self.slots = {"topk": allocation.top_k, "switch": 1}.get(kind, allocation.experts)
-        self.to(device)
+        slots = {"topk": self.allocation.top_k, "switch": 1}
+        self.slots = slots.get(config.router.kind, self.allocation.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = tuple(x.shape[:-1])
