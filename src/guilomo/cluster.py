@@ -1,13 +1,10 @@
 """What the cluster side (charts/guilomo) and the Python side must agree on.
 
-* `TORCHRUN_SFT`: the `torchrun` command line of multi-GPU / multi-node SFT. The chart's
-  PyTorchJob template renders exactly this list (its {placeholders} filled from values and
-  from the environment Kubeflow Trainer sets: `$(RANK)`, `$(MASTER_ADDR)`, `$(MASTER_PORT)`),
-  and a test runs it on CPU with 2 gloo processes.
-* GPU pools: the chart renders its `gpuPools` values into the ConfigMap `guilomo-gpu-pools`
-  (key `gpu-pools.yaml`); `gpu_pool(doc, name)` turns one pool into the run-config fields
-  `gpu_count`, `gpu_node_selector` and `gpu_tolerations` that `guilomo submit` passes to the
-  pipeline.
+* `TORCHRUN_SFT`: the `torchrun` command line of multi-GPU / multi-node SFT; the chart's
+  PyTorchJob renders exactly this list, its {placeholders} filled from values and from what
+  Kubeflow Trainer sets (`$(RANK)`, `$(MASTER_ADDR)`, `$(MASTER_PORT)`).
+* GPU pools: the chart renders `gpuPools` into the ConfigMap `guilomo-gpu-pools` (key
+  `gpu-pools.yaml`); `gpu_pool` turns one pool into the run-config fields `guilomo submit` passes.
 """
 
 from __future__ import annotations
@@ -18,37 +15,12 @@ from typing import Any
 from .textfiles import read_text
 
 #: `torchrun` (one process per GPU of the node, DDP) running `guilomo stage sft`.
-TORCHRUN = [
-    "torchrun",
-    "--nnodes",
-    "{nnodes}",
-    "--nproc-per-node",
-    "{nproc_per_node}",
-    "--node-rank",
-    "{node_rank}",
-    "--master-addr",
-    "{master_addr}",
-    "--master-port",
-    "{master_port}",
-]
-SFT = [
-    "-m",
-    "guilomo.cli",
-    "stage",
-    "sft",
-    "--config",
-    "{config}",
-    "--dataset",
-    "{dataset}",
-    "--allocation",
-    "{allocation}",
-    "--checkpoints",
-    "{checkpoints}",
-    "--out",
-    "{out}",
-    "--quiet",
-]
-TORCHRUN_SFT = TORCHRUN + SFT
+TORCHRUN_SFT = (
+    "torchrun --nnodes {nnodes} --nproc-per-node {nproc_per_node} --node-rank {node_rank} "
+    "--master-addr {master_addr} --master-port {master_port} -m guilomo.cli stage sft "
+    "--config {config} --dataset {dataset} --allocation {allocation} "
+    "--checkpoints {checkpoints} --out {out} --quiet"
+).split()
 #: The ConfigMap (and its key) the chart renders from `gpuPools`.
 GPU_POOLS_CONFIGMAP = "guilomo-gpu-pools"
 GPU_POOLS_KEY = "gpu-pools.yaml"

@@ -47,18 +47,11 @@ def barrier() -> None:
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The element-wise sums of `tensors` over all processes, in one collective.
-
-    The tensors travel flattened in one buffer (one message instead of one per tensor,
-    in the widest of their dtypes) and come back with their shapes and dtypes; the inputs
-    are not modified.
-    """
+    """The element-wise sums of `tensors` over all processes, in one collective (flattened
+    into one buffer of their widest dtype); shapes and dtypes kept, the inputs untouched."""
     if world()[1] == 1 or not tensors:
         return list(tensors)
     flat = torch.cat([t.reshape(-1) for t in tensors])  # (sum of numels,)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    out, start = [], 0
-    for t in tensors:
-        out.append(flat[start : start + t.numel()].view(t.shape).to(t.dtype))
-        start += t.numel()
-    return out
+    parts = flat.split([t.numel() for t in tensors])
+    return [p.view(t.shape).to(t.dtype) for p, t in zip(parts, tensors, strict=True)]

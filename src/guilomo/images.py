@@ -1,22 +1,10 @@
 """`guilomo image build | push | tags`: the project's container images, with the Docker SDK.
 
-Two variants, built from the repository root as context:
-
-* `cuda` (docker/Dockerfile): GPU node pools, the pipeline's stages, `torchrun`, and the MLflow
-  tracking server of charts/guilomo;
-* `cpu` (docker/Dockerfile.cpu): CPU node pools and local `kfp.local.DockerRunner` runs.
-
-Each image is tagged `REPOSITORY:VERSION` (the tag the compiled pipeline references) and
-`REPOSITORY:VERSION-gSHA` (the git commit, `-dirty` when the tree has uncommitted changes);
-the cpu variant adds `-cpu` to both. Never `latest`: a tag that moves would make a recorded
-run unreproducible. `push` prints each tag's registry digest, the reference to pin in a
-cluster (`REPOSITORY@sha256:...`).
-
-    guilomo image build --repository registry.example.com/ml/guilomo
-    guilomo image push --repository registry.example.com/ml/guilomo
-
-Needs a Docker engine (DOCKER_HOST or the local socket); without one the command says so and
-exits 2.
+Variants `cuda` (docker/Dockerfile: GPU pools, the stages, `torchrun`, the chart's MLflow
+server) and `cpu` (docker/Dockerfile.cpu: CPU pools, `kfp.local.DockerRunner`), built from the
+repository root, tagged `REPOSITORY:VERSION` (what the compiled pipeline references) and
+`REPOSITORY:VERSION-gSHA[-dirty]`, `-cpu` added for cpu. Never `latest`: a tag that moves
+would make a recorded run unreproducible. Without a Docker engine: a clear error, exit 2.
 """
 
 from __future__ import annotations
@@ -38,43 +26,33 @@ VARIANTS: dict[str, tuple[str, str]] = {
 }
 DEFAULT_REPOSITORY = "guilomo"
 DEFAULT_TORCH_VERSION = "2.13.0"
-# A Docker image reference: optional registry host[:port], slash-separated lowercase path.
+# The Docker SDK has no reference parser that validates; this is the grammar of one
+# without a tag: optional registry host[:port], slash-separated lowercase path.
 _REPOSITORY = re.compile(
     r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$"
 )
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_BUILD_OPTIONS = ("torch_version", "torch_index_url", "base_image", "source_url")
 
 
 def git_revision(root: Path = REPO_ROOT) -> tuple[str | None, bool]:
-    """The commit SHA of `root` and whether its tree has uncommitted changes to tracked files
+    """The commit SHA of `root` and whether tracked files have uncommitted changes
     (None, False outside a git checkout or without git)."""
+
+    def git(*args: str) -> str:
+        run = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=30
+        )
+        return run.stdout.strip()
+
     try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout.strip()
+        return git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain", "-uno"))
     except (OSError, subprocess.SubprocessError):
         return None, False
-    return sha or None, bool(status)
 
 
 def image_tags(
-    repository: str,
-    version: str,
-    sha: str | None,
-    *,
-    variant: str = "cuda",
-    dirty: bool = False,
+    repository: str, version: str, sha: str | None, *, variant: str = "cuda", dirty: bool = False
 ) -> list[str]:
     """`REPOSITORY:VERSION[-cpu]` and, with a commit, `REPOSITORY:VERSION-gSHA12[-dirty][-cpu]`.
     Raises ValueError for a bad repository, version or variant, and for `latest`."""
@@ -130,21 +108,15 @@ def build_plan(
         "SOURCE_URL": source_url,
         "TORCH_VERSION": torch_version,
         "TORCH_INDEX_URL": torch_index_url,
-    }
-    if base_image:
-        args["BASE_IMAGE"] = base_image
+    } | ({"BASE_IMAGE": base_image} if base_image else {})
     return BuildPlan(variant, VARIANTS[variant][0], tags, args, root)
 
 
 def docker_client() -> Any:
     """A Docker SDK client that has answered a ping; ValueError (exit 2) when there is none."""
-    try:
-        import docker
-        from docker.errors import DockerException
-    except ImportError:
-        raise ValueError(
-            "the Docker SDK is not installed: pip install docker (it is a guilomo dependency)"
-        ) from None
+    import docker
+    from docker.errors import DockerException
+
     try:
         client = docker.from_env(timeout=30)
         client.ping()
@@ -157,14 +129,15 @@ def docker_client() -> Any:
 
 
 def _stream(lines: Any, what: str, quiet: bool) -> dict[str, Any]:
-    """Print a build / push progress stream; raise ValueError on its first error entry.
-    Returns the last `aux` payload (image id of a build, digest of a push)."""
+    """Print a build / push progress stream, raising ValueError on its first error entry;
+    the last `aux` payload (image id of a build, digest of a push). Hand-written: the SDK's
+    high-level build and push print nothing while they run, and push hides errors."""
     aux: dict[str, Any] = {}
     for entry in lines:
         if "error" in entry or "errorDetail" in entry:
             detail = entry.get("errorDetail", {}).get("message") or entry.get("error")
             raise ValueError(f"{what} failed: {str(detail).strip()}")
-        if "aux" in entry and isinstance(entry["aux"], dict):
+        if isinstance(entry.get("aux"), dict):
             aux = entry["aux"]
         if not quiet and entry.get("stream"):
             print(entry["stream"], end="", flush=True)
@@ -173,10 +146,10 @@ def _stream(lines: Any, what: str, quiet: bool) -> dict[str, Any]:
 
 def build(plan: BuildPlan, *, pull: bool = True, quiet: bool = False) -> str:
     """Build `plan` and apply all its tags; returns the image id."""
-    client = docker_client()
-    first, *others = plan.tags
     from docker.errors import DockerException
 
+    client = docker_client()
+    first, *others = plan.tags
     try:
         stream = client.api.build(
             path=str(plan.context),
@@ -190,8 +163,7 @@ def build(plan: BuildPlan, *, pull: bool = True, quiet: bool = False) -> str:
         )
         image_id = _stream(stream, f"docker build ({plan.variant})", quiet).get("ID", "")
         for ref in others:
-            repo, tag = ref.rsplit(":", 1)
-            client.api.tag(image_id or first, repo, tag)
+            client.api.tag(image_id or first, *ref.rsplit(":", 1))
     except DockerException as exc:
         raise ValueError(f"docker build ({plan.variant}) failed: {exc}") from None
     return image_id
@@ -199,14 +171,13 @@ def build(plan: BuildPlan, *, pull: bool = True, quiet: bool = False) -> str:
 
 def push(tags: list[str], *, quiet: bool = False) -> dict[str, str]:
     """Push every tag; returns tag -> registry digest (sha256:...)."""
-    client = docker_client()
     from docker.errors import DockerException
 
+    client = docker_client()
     digests = {}
     for ref in tags:
-        repo, tag = ref.rsplit(":", 1)
         try:
-            stream = client.api.push(repo, tag=tag, stream=True, decode=True)
+            stream = client.api.push(ref, stream=True, decode=True)  # the SDK splits off the tag
             digests[ref] = str(_stream(stream, f"docker push {ref}", quiet).get("Digest", ""))
         except DockerException as exc:
             raise ValueError(
@@ -218,22 +189,10 @@ def push(tags: list[str], *, quiet: bool = False) -> dict[str, str]:
 # ------------------------------------------------------------------ command line
 
 
-def _variants(name: str) -> list[str]:
-    return list(VARIANTS) if name == "all" else [name]
-
-
 def _plans(args: argparse.Namespace) -> list[BuildPlan]:
-    return [
-        build_plan(
-            v,
-            repository=args.repository,
-            torch_version=getattr(args, "torch_version", DEFAULT_TORCH_VERSION),
-            torch_index_url=getattr(args, "torch_index_url", ""),
-            base_image=getattr(args, "base_image", ""),
-            source_url=getattr(args, "source_url", ""),
-        )
-        for v in _variants(args.variant)
-    ]
+    options = {k: v for k, v in vars(args).items() if k in _BUILD_OPTIONS}  # build's only
+    variants = list(VARIANTS) if args.variant == "all" else [args.variant]
+    return [build_plan(v, repository=args.repository, **options) for v in variants]
 
 
 def _image_tags(args: argparse.Namespace) -> int:
@@ -243,12 +202,10 @@ def _image_tags(args: argparse.Namespace) -> int:
 
 
 def _image_build(args: argparse.Namespace) -> int:
-    plans = _plans(args)
-    if args.dry_run:
-        for plan in plans:
+    for plan in _plans(args):
+        if args.dry_run:
             print(plan.describe())
-        return 0
-    for plan in plans:
+            continue
         image_id = build(plan, pull=not args.no_pull, quiet=args.quiet)
         print(f"built {plan.variant} image {image_id or '(id not reported)'}")
         print("\n".join(f"  {t}" for t in plan.tags))
@@ -263,9 +220,18 @@ def _image_push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common_options() -> argparse.ArgumentParser:
-    """--variant, --repository and --quiet, shared by every `guilomo image` action."""
-    common = argparse.ArgumentParser(add_help=False)
+def add_image_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register `guilomo image build | push | tags` on the top-level subparsers."""
+    image = sub.add_parser(
+        "image",
+        help="build, tag and push the container images (Docker SDK)",
+        description="Build the CUDA (docker/Dockerfile) and CPU (docker/Dockerfile.cpu) images "
+        "from the repository root, tagged REPOSITORY:VERSION and REPOSITORY:VERSION-gSHA (the "
+        "cpu variant with a -cpu suffix), never latest. Needs a Docker engine (DOCKER_HOST or "
+        "the local socket).",
+    )
+    actions = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)  # options of every action
     common.add_argument(
         "--variant",
         choices=[*VARIANTS, "all"],
@@ -279,17 +245,22 @@ def _common_options() -> argparse.ArgumentParser:
         "(e.g. registry.example.com/team/guilomo; default: guilomo)",
     )
     common.add_argument("--quiet", action="store_true", help="no build / push output")
-    return common
-
-
-def _add_build_parser(actions: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    b = actions.add_parser(
-        "build",
-        parents=[common],
-        help="build and tag the image(s)",
-        description="Build and tag the image(s). The tags carry the package version and the "
-        "git commit; the compiled pipeline references REPOSITORY:VERSION.",
-    )
+    parsers = {}
+    for name, func, help_, description in [
+        ("build", _image_build, "build and tag the image(s)",
+         "Build and tag the image(s). The tags carry the package version and the git commit; "
+         "the compiled pipeline references REPOSITORY:VERSION."),
+        ("push", _image_push, "push the built tags and print their digests",
+         "Push every tag of the image(s) to the registry in --repository and print each tag's "
+         "digest (pin REPOSITORY@DIGEST in the cluster). Log in with docker login first."),
+        ("tags", _image_tags, "print the tags a build would apply",
+         "Print the tags `guilomo image build` applies (no Docker engine needed)."),
+    ]:  # fmt: skip
+        parsers[name] = actions.add_parser(
+            name, parents=[common], help=help_, description=description
+        )
+        parsers[name].set_defaults(func=func)
+    b = parsers["build"]
     b.add_argument(
         "--torch-version", default=DEFAULT_TORCH_VERSION, help="torch release to install"
     )
@@ -305,36 +276,3 @@ def _add_build_parser(actions: argparse._SubParsersAction, common: argparse.Argu
     b.add_argument(
         "--dry-run", action="store_true", help="print the docker build command line and stop"
     )
-    b.set_defaults(func=_image_build)
-
-
-def add_image_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register `guilomo image build | push | tags` on the top-level subparsers."""
-    image = sub.add_parser(
-        "image",
-        help="build, tag and push the container images (Docker SDK)",
-        description="Build the CUDA (docker/Dockerfile) and CPU (docker/Dockerfile.cpu) images "
-        "from the repository root, tagged REPOSITORY:VERSION and REPOSITORY:VERSION-gSHA (the "
-        "cpu variant with a -cpu suffix), never latest. Needs a Docker engine (DOCKER_HOST or "
-        "the local socket).",
-    )
-    actions = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
-    common = _common_options()
-    _add_build_parser(actions, common)
-    p = actions.add_parser(
-        "push",
-        parents=[common],
-        help="push the built tags and print their digests",
-        description="Push every tag of the image(s) to the registry in --repository and print "
-        "each tag's digest (pin REPOSITORY@DIGEST in the cluster). Log in with docker login "
-        "first.",
-    )
-    p.set_defaults(func=_image_push)
-
-    t = actions.add_parser(
-        "tags",
-        parents=[common],
-        help="print the tags a build would apply",
-        description="Print the tags `guilomo image build` applies (no Docker engine needed).",
-    )
-    t.set_defaults(func=_image_tags)

