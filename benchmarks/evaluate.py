@@ -23,8 +23,8 @@ import time
 import torch
 
 from guilomo.data.formulations import formulate, scored_pairs
+from guilomo.data.multiple_choice import read_multiple_choice
 from guilomo.data.prompts import load_template
-from guilomo.data.readers import read_multiple_choice
 from guilomo.scoring import encode_pair, loglikelihoods, pad_id
 
 

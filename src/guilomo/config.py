@@ -17,7 +17,8 @@ from pydantic import (
 )
 
 from .data.formulations import Formulation
-from .data.readers import DEFAULT_TRAIN_SHARE, DEFAULT_VALIDATION_SHARE, MULTIPLE_CHOICE
+from .data.multiple_choice import MULTIPLE_CHOICE
+from .data.split import DEFAULT_TRAIN_SHARE, DEFAULT_VALIDATION_SHARE
 from .moe.config import Estimator, LossConfig, Placement, RouterConfig
 
 __all__ = [

@@ -16,15 +16,12 @@ from ..artifacts import read_artifact, tree_digest
 from ..artifacts.prepared import write_prepared
 from ..config import DEFAULT_TEMPLATE, PreprocessConfig
 from ..data.formulations import formulate
+from ..data.instructions import read_instructions
+from ..data.multiple_choice import read_multiple_choice
 from ..data.prompts import load_template
-from ..data.readers import (
-    DataError,
-    ReadReport,
-    read_instructions,
-    read_multiple_choice,
-    read_scienceqa,
-    split_records,
-)
+from ..data.records import DataError, ReadReport
+from ..data.scienceqa import read_scienceqa
+from ..data.split import split_records
 from . import Context, Metrics
 
 
