@@ -186,6 +186,7 @@ def test_run_rerun_and_lineage_tracked_on_a_real_mlflow_server(tmp_path, tiny, s
     assert r.returncode == 0, r.stderr[-4000:]
     first = parent_id(r.stdout)
     table = r.stdout[r.stdout.index("stage ") :]
+    assert table.split("\n", 1)[0].split() == "stage time key metrics artifact MLflow run".split()
     for stage in ("preprocess", "search", "allocate", "sft", "evaluate", "evaluate-base"):
         assert f"\n{stage} " in table
 
@@ -284,6 +285,41 @@ def test_run_rerun_and_lineage_tracked_on_a_real_mlflow_server(tmp_path, tiny, s
     assert read_artifact(Path(dataset_uri)).digest in r.stdout
     assert f"accuracy {again['evaluate'].data.metrics['accuracy']:.4f}" in r.stdout
     assert "on 8 questions, rc" in r.stdout
+
+
+def test_summary_table_is_plain_unwrapped_text_off_a_terminal(tmp_path, capsys):
+    """The rich table `guilomo run` ends with: off a terminal no colour codes, and a long
+    artifact URI stays on its row (not wrapped at 80 columns)."""
+    from guilomo.cli_runs import _print
+    from guilomo.runs import RunSummary, summary_table
+    from guilomo.tracking import StageRecord
+
+    def record(stage, metrics, out="", status="FINISHED", took=(10.0, 12.5)):
+        outputs = {"out": out} if out else {}
+        return StageRecord(
+            stage=stage, run_id=f"id-{stage}", status=status, inputs={}, outputs=outputs,
+            metrics=metrics, params={}, tags={}, start_time=took[0], end_time=took[1],
+        )  # fmt: skip
+
+    adapter = "runs/pipeline/kfp/guilomo-" + "0123456789" * 10 + "/sft-op/adapter"
+    ev = {"accuracy": 0.637, "accuracy_ci95_low": 0.575, "accuracy_ci95_high": 0.696}
+    records = [
+        record("allocate", {"experts": 434.0, "trainable_parameters": 4212096.0}, "a/alloc"),
+        record("sft", {"final_loss": 2.348, "tokens_per_second": 117.5, "loss": 1.0}, adapter),
+        record("evaluate", ev | {"total": 240.0, "majority_baseline": 0.287}, "a/report"),
+        record("search", {}, status="FAILED", took=(10.0, None)),
+    ]
+    _print(summary_table(RunSummary("p", 3.0, records, "sqlite:///m.db", tmp_path / "log")))
+    lines = capsys.readouterr().out.splitlines()
+    assert "\x1b[" not in "\n".join(lines)
+    assert lines[0].split() == ["stage", "time", "key", "metrics", "artifact", "MLflow", "run"]
+    assert set(lines[1]) == {"─"}
+    assert [ln.split() for ln in lines[2:]] == [
+        "allocate 2.5s experts=434 trainable_parameters=4212096 a/alloc id-allocate".split(),
+        ["sft", "2.5s", "final_loss=2.348", "tokens_per_second=117.5", adapter, "id-sft"],
+        "evaluate 2.5s accuracy=0.637 [0.575, 0.696] N=240 majority=0.287 a/report id-evaluate".split(),
+        ["search", "failed", "id-search"],  # no end time, no metrics, no artifact
+    ]
 
 
 @pytest.mark.slow
