@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from . import __version__
-from .artifacts import ArtifactError
 from .moe.config import Placement, RouterKind
-from .runs import PipelineFailed
 
 EXIT_BAD_INPUT = 2
 
@@ -22,28 +20,15 @@ EXIT_BAD_INPUT = 2
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    r = run_demo(
-        out=args.out,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        preset=args.preset,
-        placement=args.placement,
-        router=args.router,
-        rank=args.rank,
-        progress=not args.quiet,
-    )
-    rows = [
-        ("held-out loss", f"{r.loss_before:.3f}", f"{r.loss_after:.3f}"),
-        ("held-out exact match", f"{r.accuracy_before:.1%}", f"{r.accuracy_after:.1%}"),
-    ]
+    keys = ("out", "steps", "batch_size", "seed", "preset", "placement", "router", "rank")
+    r = run_demo(**{k: getattr(args, k) for k in keys}, progress=not args.quiet)
     print(
         f"\nguilomo demo: LoRA-MoE ({args.placement}, preset {args.preset}, router {args.router}) "
         f"teaches a frozen random LLaMA to sort digits"
     )
     print(f"{'metric':<22}{'base':>10}{'adapted':>10}")
-    for name, a, b in rows:
-        print(f"{name:<22}{a:>10}{b:>10}")
+    print(f"{'held-out loss':<22}{r.loss_before:>10.3f}{r.loss_after:>10.3f}")
+    print(f"{'held-out exact match':<22}{r.accuracy_before:>10.1%}{r.accuracy_after:>10.1%}")
     print(f"trainable parameters  {r.trainable_params:,} (base {r.base_params:,}, frozen)")
     print("expert load (share of routed tokens), first and last adapted module:")
     names = list(r.router_stats)
@@ -52,12 +37,12 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  {name:<40} {shares}")
     print(f"adapter saved to {r.adapter_dir}; reloaded logits identical: {r.reload_identical}")
     print(f"time {r.seconds:.1f}s")
-    if not r.reload_identical or r.loss_after >= r.loss_before:
+    failed = not r.reload_identical or r.loss_after >= r.loss_before
+    if failed:
         print(
             "demo FAILED: the adapter did not learn or did not reload identically", file=sys.stderr
         )
-        return 1
-    return 0
+    return int(failed)
 
 
 # ------------------------------------------------------------------ stages
@@ -71,29 +56,29 @@ def _add_config_options(parser: argparse.ArgumentParser, model: type[BaseModel])
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             for sub, f in ann.model_fields.items():
-                default = f.get_default(call_default_factory=True)
-                text = f"{f.description or ''} (default: {default})"
-                nested.append(
-                    f"  {name}.{sub}=VALUE\n"
-                    + textwrap.fill(text, 88, initial_indent=" " * 6, subsequent_indent=" " * 6)
+                text = textwrap.fill(
+                    _help(f), 88, initial_indent=" " * 6, subsequent_indent=" " * 6
                 )
+                nested.append(f"  {name}.{sub}=VALUE\n{text}")
             continue
-        default = field.get_default(call_default_factory=True)
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
         args = [a for a in get_args(ann) if a is not type(None)]
         if get_origin(ann) is Literal or (args and get_origin(args[0]) is Literal):
             kw["choices"] = [
                 str(c) for c in get_args(ann if get_origin(ann) is Literal else args[0])
             ]
-        if get_origin(ann) is list or get_origin(ann) is tuple:
+        if get_origin(ann) in (list, tuple):
             kw["nargs"] = "+" if get_origin(ann) is list else len(get_args(ann))
         if args and get_origin(args[0]) is dict:
-            kw["nargs"] = "+"
-            kw["metavar"] = "KEY=VALUE"
-        help_text = (field.description or "").replace("%", "%%")
-        kw["help"] = f"{help_text} (default: {default})"
-        parser.add_argument("--" + name.replace("_", "-"), **kw)
+            kw |= {"nargs": "+", "metavar": "KEY=VALUE"}
+        parser.add_argument(
+            "--" + name.replace("_", "-"), help=_help(field).replace("%", "%%"), **kw
+        )
     return "\n".join(nested)
+
+
+def _help(field: FieldInfo) -> str:
+    return f"{field.description or ''} (default: {field.get_default(call_default_factory=True)})"
 
 
 def _stage_config(model: type[BaseModel], args: argparse.Namespace) -> BaseModel:
@@ -114,6 +99,8 @@ def _stage_config(model: type[BaseModel], args: argparse.Namespace) -> BaseModel
 
 
 def _run_stage(args: argparse.Namespace) -> int:
+    import shutil
+
     from .distributed import init_distributed, world
     from .remote import StageIO, checkpoint_folder, is_remote, local_path
     from .stages import STAGES, Context
@@ -193,6 +180,7 @@ def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from .artifacts import ArtifactError
     from .artifacts.eval_report import read_report
     from .compare import compare_reports, format_comparison
     from .remote import fetch_artifact, is_remote
@@ -211,8 +199,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace) -> int:
     from .pipeline import compile_all
 
-    for path in compile_all(args.root):
-        print(path)
+    print(*compile_all(args.root), sep="\n")
     return 0
 
 
@@ -220,11 +207,9 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
         "demo",
         help="train a LoRA-MoE adapter end to end on a tiny model (about 25 s on 2 CPU cores)",
-        description=(
-            "Train a LoRA-MoE adapter on a frozen random 4-layer LLaMA to sort digits, report "
-            "held-out accuracy before and after and the load of every expert, save the adapter "
-            "and check that reloading it gives identical logits."
-        ),
+        description="Train a LoRA-MoE adapter on a frozen random 4-layer LLaMA to sort digits, "
+        "report held-out accuracy before and after and the load of every expert, save the "
+        "adapter and check that reloading it gives identical logits.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the adapter")
@@ -292,10 +277,8 @@ A and B apart.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="guilomo",
-        description=(
-            "Fine-tune causal LMs with LoRA mixtures of experts whose expert counts and ranks "
-            "are searched (GuiLoMo)."
-        ),
+        description="Fine-tune causal LMs with LoRA mixtures of experts whose expert counts and "
+        "ranks are searched (GuiLoMo).",
     )
     parser.add_argument("--version", action="version", version=f"guilomo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -307,14 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_parsers(sub)
     add_image_parsers(sub)
-    comp = sub.add_parser(
+    compile_ = sub.add_parser(
         "compile",
         help="write the KFP component and pipeline YAML",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Compile one Kubeflow Pipelines component per stage to ROOT/components/ and "
         "the whole DAG to ROOT/pipelines/guilomo.yaml (the committed copies are checked by a test).",
     )
-    comp.add_argument("--root", type=Path, default=Path("."), help="repository root (default: .)")
-    comp.set_defaults(func=_compile)
+    compile_.add_argument("--root", type=Path, default=Path("."), help="repository root")
+    compile_.set_defaults(func=_compile)
 
     _add_compare_parser(sub)
     return parser
@@ -349,16 +333,13 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.parse_args(argv)  # exits 2 with argparse's message
+    from .runs import PipelineFailed  # not before the parse: `--help` does without it
+
     try:
         if args.command == "demo":
             args.preset = _parse_preset(args.preset)
         return args.func(args)
-    except (
-        ArtifactError,
-        ValidationError,
-        ValueError,
-        FileNotFoundError,
-    ) as exc:  # AdapterError too
+    except (ValueError, FileNotFoundError) as exc:  # ArtifactError, AdapterError, ValidationError
         name = args.command + (f" {args.stage}" if getattr(args, "stage", None) else "")
         print(f"guilomo {name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -7,35 +7,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data.formulations import Formulation
 from .data.multiple_choice import MULTIPLE_CHOICE
 from .data.split import DEFAULT_TRAIN_SHARE, DEFAULT_VALIDATION_SHARE
 from .moe.config import Estimator, LossConfig, Placement, RouterConfig
 
-__all__ = [
-    "AllocateConfig",
-    "apply_overrides",
-    "first_error",
-    "read_yaml",
-    "validated",
-    "EvalConfig",
-    "Parallel",
-    "PreprocessConfig",
-    "SearchConfig",
-    "SftConfig",
-]
-
 DEFAULT_TEMPLATE = "alpaca"
 M = TypeVar("M", bound=BaseModel)
+
+
+class _Config(BaseModel):
+    """A stage's config: unknown keys are errors, and a validated config does not change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # ------------------------------------------------------------------ loading and overrides
@@ -108,14 +94,12 @@ def validated(model: type[M], doc: dict[str, Any], source: str = "") -> M:
         raise ValueError(f"{source}: {text}" if source else text) from None
 
 
-class PreprocessConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class PreprocessConfig(_Config):
     source: Literal["scienceqa", "instructions", "multiple_choice"] = Field(
-        default="multiple_choice", description="Kind of raw data."
+        "multiple_choice", description="Kind of raw data."
     )
     path: str | None = Field(
-        default=None,
+        None,
         description="Raw data location (scienceqa, instructions; optional for multiple_choice).",
     )
     datasets: list[str] = Field(
@@ -123,11 +107,10 @@ class PreprocessConfig(BaseModel):
         description=f"multiple_choice sets to combine: {sorted(MULTIPLE_CHOICE)}.",
     )
     fields: dict[str, str] | None = Field(
-        default=None,
-        description="instructions: our field -> their column, e.g. instruction=prompt.",
+        None, description="instructions: our field -> their column, e.g. instruction=prompt."
     )
     formulation: Formulation | None = Field(
-        default=None,
+        None,
         description="How questions are put to the model, in SFT and evaluation alike. rc: the "
         "lm-evaluation-harness prompt, each option's text scored by log-likelihood (default "
         "for multiple_choice); mc: lettered options, the letter scored; generate: the "
@@ -135,29 +118,29 @@ class PreprocessConfig(BaseModel):
         "instructions).",
     )
     template: str | None = Field(
-        default=None,
+        None,
         description=f"Prompt template (name or JSON path) of the generate formulation "
         f"(default {DEFAULT_TEMPLATE}); rc and mc use the harness's prompts.",
     )
     train_size: int | None = Field(
-        default=None,
+        None,
         ge=1,
         description=f"Questions in train (default: {DEFAULT_TRAIN_SHARE:.0%} of unsplit data, or "
         "the source's whole train split).",
     )
     validation_size: int | None = Field(
-        default=None,
+        None,
         ge=1,
         description=f"Questions in validation, the search's held-out split (default: "
         f"{DEFAULT_VALIDATION_SHARE:.0%} of unsplit data or of the source's train split when it "
         "has no validation split).",
     )
     test_size: int | None = Field(
-        default=None,
+        None,
         ge=1,
         description="Cap on the test split (default: every question not in train or validation).",
     )
-    seed: int = Field(default=0, description="Seed of the split and of the caps.")
+    seed: int = Field(0, description="Seed of the split and of the caps.")
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessConfig:
@@ -185,88 +168,70 @@ class PreprocessConfig(BaseModel):
         return "rc" if self.source == "multiple_choice" else "generate"
 
 
-class SearchConfig(BaseModel):
+class SearchConfig(_Config):
     """Search hyper-parameters; defaults are the method's (ALGORITHM.md section 4)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    base_model: str = Field(
-        default="smollm2-135m", description="Model folder, hub id or smollm2-135m."
-    )
-    cutoff: int = Field(default=256, ge=8, description="Max tokens per example.")
-    batch_size: int = Field(default=16, ge=1, description="Examples per train and per val batch.")
-    max_experts: int = Field(
-        default=8, ge=1, description="N_max: experts per module searched over."
-    )
-    max_rank: int = Field(default=8, ge=1, description="R_max: rank per expert searched over.")
-    top_k: int = Field(default=2, ge=1, description="Experts per token; the minimum expert count.")
+    base_model: str = Field("smollm2-135m", description="Model folder, hub id or smollm2-135m.")
+    cutoff: int = Field(256, ge=8, description="Max tokens per example.")
+    batch_size: int = Field(16, ge=1, description="Examples per train and per val batch.")
+    max_experts: int = Field(8, ge=1, description="N_max: experts per module searched over.")
+    max_rank: int = Field(8, ge=1, description="R_max: rank per expert searched over.")
+    top_k: int = Field(2, ge=1, description="Experts per token; the minimum expert count.")
     placement: Literal["all", "mlp"] = Field(
-        default="all",
+        "all",
         description="Projections searched: all (MoLA) or mlp (LoRAMoE); mixlora's shared "
         "MLP experts are not searched.",
     )
-    order: Literal["first", "second"] = Field(default="first", description="DARTS order.")
+    order: Literal["first", "second"] = Field("first", description="DARTS order.")
     estimator: Estimator = Field(
-        default="expected",
+        "expected",
         description="How GSVs become counts: expected (GSVs are logits of distributions over "
         "counts; the layer uses expectations) or reference (the paper's argmax masks with a "
         "straight-through gradient, N(0, 0.02) LoRA init).",
     )
-    tau: float = Field(
-        default=0.1, gt=0, description="expected: softmax temperature of the GSV logits."
-    )
+    tau: float = Field(0.1, gt=0, description="expected: softmax temperature of the GSV logits.")
     size_penalty: float = Field(
-        default=0.01,
+        0.01,
         ge=0,
         description="expected, no target: weight lambda of E[params] / P_max in the GSV loss.",
     )
     penalty_ramp: float = Field(
-        default=0.6,
+        0.6,
         gt=0,
         le=1,
         description="Share of the steps over which the size penalty ramps up from 0.",
     )
     target_params: int | None = Field(
-        default=None,
+        None,
         ge=1,
         description="expected: steer the search to this many trainable parameters "
         "(a Lagrange multiplier replaces size_penalty).",
     )
     target_like: str | None = Field(
-        default=None,
+        None,
         description="expected: target the parameters of a MoLA preset on this model, e.g. "
         "uniform:5 (5 experts of rank 8), uniform:8x4, 2468, 8642.",
     )
-    steps: int = Field(
-        default=100, ge=1, description="Bilevel steps (one train + one val batch each)."
-    )
-    gsv_start: int = Field(
-        default=0, ge=0, description="Steps of LoRA weights only before the GSVs move."
-    )
-    lora_lr: float = Field(
-        default=3e-4, gt=0, description="AdamW LR of the LoRA weights and routers."
-    )
+    steps: int = Field(100, ge=1, description="Bilevel steps (one train + one val batch each).")
+    gsv_start: int = Field(0, ge=0, description="Steps of LoRA weights only before the GSVs move.")
+    lora_lr: float = Field(3e-4, gt=0, description="AdamW LR of the LoRA weights and routers.")
     warmup_steps: int | None = Field(
-        default=None, ge=0, description="Linear warm-up of the LoRA LR (default: 10% of steps)."
+        None, ge=0, description="Linear warm-up of the LoRA LR (default: 10% of steps)."
     )
-    gsv_lr: float = Field(default=3e-3, gt=0, description="AdamW LR of the GSVs.")
+    gsv_lr: float = Field(3e-3, gt=0, description="AdamW LR of the GSVs.")
     gsv_decay: float = Field(
-        default=0.3,
+        0.3,
         ge=0,
         lt=1,
         description="Share of the last steps over which the GSV LR decays linearly to 0, "
         "so the selection (and a parameter target) settles.",
     )
-    gsv_betas: tuple[float, float] = Field(
-        default=(0.5, 0.999), description="AdamW betas of the GSVs."
-    )
-    balance_coef: float = Field(
-        default=0.001, ge=0, description="Balance-loss weight at both levels."
-    )
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Expert-input dropout.")
-    seed: int = Field(default=0, description="Seeds GSV init, data order and dropout.")
-    checkpoint_every: int = Field(default=50, ge=1, description="Steps between checkpoints.")
-    history_every: int = Field(default=1, ge=1, description="Steps between GSV history rows.")
+    gsv_betas: tuple[float, float] = Field((0.5, 0.999), description="AdamW betas of the GSVs.")
+    balance_coef: float = Field(0.001, ge=0, description="Balance-loss weight at both levels.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Expert-input dropout.")
+    seed: int = Field(0, description="Seeds GSV init, data order and dropout.")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
+    history_every: int = Field(1, ge=1, description="Steps between GSV history rows.")
 
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:
@@ -302,34 +267,30 @@ class SearchConfig(BaseModel):
         return self.steps // 10 if self.warmup_steps is None else self.warmup_steps
 
 
-class AllocateConfig(BaseModel):
+class AllocateConfig(_Config):
     """Where the allocation comes from: a search state, a MoLA preset, or the reference's JSON."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    base_model: str = Field(
-        default="smollm2-135m", description="Base model (for module names and shapes)."
-    )
+    base_model: str = Field("smollm2-135m", description="Base model (for module names and shapes).")
     preset: str | list[int] | None = Field(
-        default=None,
+        None,
         description="MoLA preset instead of a search: uniform, 2468, 8642, or experts per "
         "layer as a list ([2,4,6,8] on the command line).",
     )
-    experts: int = Field(default=4, ge=1, description="preset uniform: experts per module.")
-    top_k: int = Field(default=2, ge=1, description="preset / reference import: top-k.")
-    rank: int = Field(default=8, ge=1, description="preset: rank of every expert.")
-    placement: Placement = Field(default="all", description="preset: all, mlp or mixlora.")
-    budget: int | None = Field(default=None, ge=1, description="search: max trainable parameters.")
+    experts: int = Field(4, ge=1, description="preset uniform: experts per module.")
+    top_k: int = Field(2, ge=1, description="preset / reference import: top-k.")
+    rank: int = Field(8, ge=1, description="preset: rank of every expert.")
+    placement: Placement = Field("all", description="preset: all, mlp or mixlora.")
+    budget: int | None = Field(None, ge=1, description="search: max trainable parameters.")
     budget_like: str | None = Field(
-        default=None,
+        None,
         description="search: the budget is the parameter count of a MoLA preset on the "
         "searched modules, e.g. uniform:5 (5 experts of rank 8), uniform:8x4, 2468, 8642.",
     )
     reference_expert: str | None = Field(
-        default=None, description="The reference code's expert.json (with reference_rank)."
+        None, description="The reference code's expert.json (with reference_rank)."
     )
     reference_rank: str | None = Field(
-        default=None, description="The reference code's rank.json (with reference_expert)."
+        None, description="The reference code's rank.json (with reference_expert)."
     )
 
     @field_validator("preset", mode="before")
@@ -364,44 +325,32 @@ class AllocateConfig(BaseModel):
 Parallel = Literal["ddp", "fsdp"]
 
 
-class SftConfig(BaseModel):
+class SftConfig(_Config):
     """SFT hyper-parameters. Defaults follow the method's ScienceQA recipe where it has one."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    base_model: str = Field(
-        default="smollm2-135m", description="Model folder, hub id or smollm2-135m."
-    )
-    cutoff: int = Field(default=256, ge=8, description="Max tokens per example (prompt + answer).")
-    train_on_inputs: bool = Field(default=True, description="Also learn the prompt tokens.")
-    epochs: float = Field(default=1.0, gt=0, description="Passes over the train split.")
-    max_steps: int | None = Field(
-        default=None, ge=1, description="Optimiser steps; overrides epochs."
-    )
-    batch_size: int = Field(
-        default=16, ge=1, description="Examples per optimiser step (all processes)."
-    )
-    micro_batch_size: int = Field(default=4, ge=1, description="Examples per forward pass.")
-    lr: float = Field(
-        default=3e-4, gt=0, description="AdamW learning rate (linear warm-up and decay)."
-    )
+    base_model: str = Field("smollm2-135m", description="Model folder, hub id or smollm2-135m.")
+    cutoff: int = Field(256, ge=8, description="Max tokens per example (prompt + answer).")
+    train_on_inputs: bool = Field(True, description="Also learn the prompt tokens.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the train split.")
+    max_steps: int | None = Field(None, ge=1, description="Optimiser steps; overrides epochs.")
+    batch_size: int = Field(16, ge=1, description="Examples per optimiser step (all processes).")
+    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass.")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (linear warm-up and decay).")
     warmup_steps: int = Field(
-        default=100, ge=0, description="Warm-up steps (capped at a tenth of the run)."
+        100, ge=0, description="Warm-up steps (capped at a tenth of the run)."
     )
-    lora_alpha: float = Field(default=16.0, gt=0, description="Expert scaling alpha / r_e.")
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on expert inputs.")
+    lora_alpha: float = Field(16.0, gt=0, description="Expert scaling alpha / r_e.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on expert inputs.")
     router: RouterConfig = RouterConfig()
     losses: LossConfig = LossConfig()
-    group_by_length: bool = Field(default=True, description="Batch examples of similar length.")
-    seed: int = Field(default=0, description="Seeds adapter init, data order and dropout.")
-    checkpoint_every: int = Field(
-        default=50, ge=1, description="Optimiser steps between checkpoints."
-    )
+    group_by_length: bool = Field(True, description="Batch examples of similar length.")
+    seed: int = Field(0, description="Seeds adapter init, data order and dropout.")
+    checkpoint_every: int = Field(50, ge=1, description="Optimiser steps between checkpoints.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        default="auto", description="auto: bf16 on GPU, fp32 on CPU."
+        "auto", description="auto: bf16 on GPU, fp32 on CPU."
     )
     parallel: Parallel = Field(
-        default="ddp",
+        "ddp",
         description="Under torchrun: ddp, every process holds the whole model and the adapter "
         "gradients are averaged; fsdp, base and adapter parameters are sharded over the "
         "processes (PyTorch FSDP2) for bases that do not fit one GPU. Same result and "
@@ -418,26 +367,22 @@ class SftConfig(BaseModel):
         return self
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(_Config):
     """Evaluation settings. The formulation is the dataset's (chosen in preprocess)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     split: Literal["train", "validation", "test"] = Field(
-        default="test", description="The PreparedDataset split to evaluate."
+        "test", description="The PreparedDataset split to evaluate."
     )
     max_new_tokens: int = Field(
-        default=16, ge=1, description="Tokens generated per prompt (generate formulation)."
+        16, ge=1, description="Tokens generated per prompt (generate formulation)."
     )
     batch_size: int = Field(
-        default=16,
+        16,
         ge=1,
         description="Prompts per forward pass: questions (rc, mc: their options then run, as "
         "many per pass, against the questions' cached context) or generations.",
     )
     limit: int | None = Field(
-        default=None, ge=1, description="Evaluate only the first N records of the split."
+        None, ge=1, description="Evaluate only the first N records of the split."
     )
-    base_model: str = Field(
-        default="smollm2-135m", description="Model folder, hub id or smollm2-135m."
-    )
+    base_model: str = Field("smollm2-135m", description="Model folder, hub id or smollm2-135m.")

@@ -1,16 +1,10 @@
-"""The Kubeflow Pipelines side: one lightweight component per stage, and the DAG.
+"""The Kubeflow Pipelines side: one lightweight component per stage (a thin function, imports
+inside, that calls `guilomo.tasks.run_task`; on a cluster in image `IMAGE`, or under
+`kfp.local`), and the DAG. GPU stages (search, sft, evaluate) request `nvidia.com/gpu` and take
+node selector and tolerations from pipeline parameters (kfp-kubernetes), so the GPU pool is
+chosen at submit time, and retry with backoff; CPU stages get none, so tainted GPU nodes do
+not take them."""
 
-Each component is a thin function (imports inside) that calls the stage's plain-Python
-`run_*`; the same functions run on a cluster (image `IMAGE`) and under `kfp.local`.
-Stage configs travel as dict parameters and are validated by the stage's pydantic model.
-
-GPU stages (search, sft, evaluate) request `nvidia.com/gpu` (count a pipeline parameter)
-and take their node selector and tolerations from pipeline parameters (kfp-kubernetes),
-so the GPU pool is chosen at submit time; they retry with backoff. CPU stages get neither
-the GPU request nor the GPU toleration, so tainted GPU nodes do not take them.
-"""
-
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +14,6 @@ from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 from . import __version__
 
 IMAGE = f"guilomo:{__version__}"  # a versioned tag, never `latest`; `guilomo image` builds it
-GPU_STAGES = ("search", "sft", "evaluate", "evaluate-base")
 
 
 # Every component takes the MLflow parent run id and the KFP run / task ids (placeholders
@@ -136,174 +129,17 @@ def evaluate_base_op(  # noqa: ANN201
         metrics.log_metric(key, value)
 
 
-COMPONENTS = {
-    "preprocess": preprocess_op,
-    "search": search_op,
-    "allocate": allocate_op,
-    "preset": preset_op,
-    "sft": sft_op,
-    "evaluate": evaluate_op,
-    "evaluate-base": evaluate_base_op,
-}
+_OPS = (preprocess_op, search_op, allocate_op, preset_op, sft_op, evaluate_op, evaluate_base_op)
+COMPONENTS = {op.name.removesuffix("-op"): op for op in _OPS}  # "preprocess", ..., "evaluate-base"
 
 
 #: Environment of every pipeline pod, from the chart (charts/guilomo): the ConfigMap holds the
 #: MLflow URI, S3 endpoint and region, image and checkpoint root; the Secret (named by the
 #: `s3_secret` pipeline parameter) the S3 keys. Both optional, so pods start without them.
 ENV_CONFIG_MAP = "guilomo-env"
-ENV_KEYS = (
-    "MLFLOW_TRACKING_URI",
-    "AWS_ENDPOINT_URL",
-    "AWS_REGION",
-    "GUILOMO_IMAGE",
-    "GUILOMO_CHECKPOINT_ROOT",
-)
+ENV_KEYS = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_REGION")  # MLflow's and S3's
+ENV_KEYS += ("GUILOMO_IMAGE", "GUILOMO_CHECKPOINT_ROOT")  # guilomo's own
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-
-
-def _env(task: dsl.PipelineTask, s3_secret) -> None:  # noqa: ANN001
-    kubernetes.use_config_map_as_env(task, ENV_CONFIG_MAP, {k: k for k in ENV_KEYS}, optional=True)
-    kubernetes.use_secret_as_env(task, s3_secret, {k: k for k in SECRET_KEYS}, optional=True)
-
-
-def _on_gpu(task: dsl.PipelineTask, name: str, gpus, node_selector, tolerations, s3_secret):  # noqa: ANN001
-    _env(task, s3_secret)
-    task.set_display_name(name)
-    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
-    kubernetes.add_node_selector_json(task, node_selector)
-    kubernetes.add_toleration_json(task, tolerations)
-    task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
-    task.set_caching_options(True)
-    return task
-
-
-def _on_cpu(task: dsl.PipelineTask, name: str, s3_secret):  # noqa: ANN001
-    _env(task, s3_secret)
-    return task.set_display_name(name).set_caching_options(True)
-
-
-@dataclass(frozen=True)
-class _Dag:
-    """The pipeline parameters the task builders below need (KFP channels)."""
-
-    search_config: Any
-    allocate_config: Any
-    sft_config: Any
-    evaluate_config: Any
-    gpu_count: Any
-    gpu_node_selector: Any
-    gpu_tolerations: Any
-    parent_run_id: Any
-    checkpoint_root: Any
-    s3_secret: Any
-
-    @property
-    def ids(self) -> dict:
-        """Tracking arguments of every task: the MLflow parent run, the KFP run and task."""
-        return {
-            "parent_run_id": self.parent_run_id,
-            "kfp_run": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            "kfp_task": dsl.PIPELINE_TASK_ID_PLACEHOLDER,
-        }
-
-    def gpu(self, task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
-        return _on_gpu(
-            task,
-            name,
-            self.gpu_count,
-            self.gpu_node_selector,
-            self.gpu_tolerations,
-            self.s3_secret,
-        )
-
-    # `gpus` is also a plain argument of the GPU tasks: it carries gpu_count into dsl.If
-    # sub-DAGs, which the accelerator limit alone does not (kfp 2.17 omits it from their
-    # inputs), and it sets the number of torchrun processes.
-    def search(self, dataset):  # noqa: ANN001
-        task = search_op(
-            config=self.search_config,
-            dataset=dataset,
-            checkpoint_root=self.checkpoint_root,
-            gpus=self.gpu_count,
-            **self.ids,
-        )
-        return self.gpu(task, "search").outputs["state"]
-
-    def allocate(self, state=None):  # noqa: ANN001
-        """From a search state, or (state None) the preset in allocate_config."""
-        if state is None:
-            task, name = preset_op(config=self.allocate_config, **self.ids), "allocate (preset)"
-        else:
-            task = allocate_op(config=self.allocate_config, state=state, **self.ids)
-            name = "allocate"
-        return _on_cpu(task, name, self.s3_secret).outputs["allocation"]
-
-    def sft(self, dataset, allocation):  # noqa: ANN001
-        task = sft_op(
-            config=self.sft_config,
-            dataset=dataset,
-            allocation=allocation,
-            checkpoint_root=self.checkpoint_root,
-            gpus=self.gpu_count,
-            **self.ids,
-        )
-        return self.gpu(task, "sft").outputs["adapter"]
-
-    def evaluate(self, dataset, adapter=None) -> None:  # noqa: ANN001
-        """The adapter's score, or (adapter None) the untuned base model's."""
-        args = {"config": self.evaluate_config, "dataset": dataset, "gpus": self.gpu_count}
-        if adapter is None:
-            self.gpu(evaluate_base_op(**args, **self.ids), "evaluate (base)")
-        else:
-            self.gpu(evaluate_op(**args, adapter=adapter, **self.ids), "evaluate")
-
-
-@dsl.pipeline(
-    name="guilomo",
-    description="GuiLoMo: preprocess -> GSV search -> allocation -> LoRA-MoE SFT -> evaluation",
-)
-def guilomo_pipeline(  # noqa: ANN201
-    preprocess_config: dict = {},  # noqa: B006 (KFP pipeline parameters are literals)
-    search_config: dict = {},  # noqa: B006
-    allocate_config: dict = {},  # noqa: B006
-    sft_config: dict = {},  # noqa: B006
-    evaluate_config: dict = {},  # noqa: B006
-    use_preset: bool = False,
-    evaluate_base: bool = True,
-    gpu_count: int = 1,
-    gpu_node_selector: dict = {},  # noqa: B006
-    gpu_tolerations: list = [],  # noqa: B006
-    mlflow_parent_run_id: str = "",
-    checkpoint_root: str = "",
-    s3_secret: str = "guilomo-s3",
-):
-    """use_preset: skip the search and train the preset in allocate_config (the MoLA
-    baseline); evaluate_base: also evaluate the untuned base model (the baseline row);
-    mlflow_parent_run_id: the MLflow run each stage's child run hangs under ('' = untracked);
-    checkpoint_root: where search and SFT mirror their checkpoints ('' = the chart's
-    GUILOMO_CHECKPOINT_ROOT, else pod-local only); s3_secret: the Secret with the S3 keys."""
-    dag = _Dag(
-        search_config,
-        allocate_config,
-        sft_config,
-        evaluate_config,
-        gpu_count,
-        gpu_node_selector,
-        gpu_tolerations,
-        mlflow_parent_run_id,
-        checkpoint_root,
-        s3_secret,
-    )
-    prep = preprocess_op(config=preprocess_config, **dag.ids)
-    dataset = _on_cpu(prep, "preprocess", s3_secret).outputs["dataset"]
-    # sft and evaluate are built in both branches: kfp.local cannot join them with dsl.OneOf
-    with dsl.If(use_preset == True, name="preset-allocation"):  # noqa: E712 (KFP condition)
-        dag.evaluate(dataset, dag.sft(dataset, dag.allocate()))
-    with dsl.Else(name="searched-allocation"):
-        dag.evaluate(dataset, dag.sft(dataset, dag.allocate(dag.search(dataset))))
-    with dsl.If(evaluate_base == True, name="baseline"):  # noqa: E712
-        dag.evaluate(dataset)
-
 
 #: The stages `guilomo rerun` can start from, in DAG order, and the upstream artifacts each
 #: imports from the earlier run (by the output names the stages record).
@@ -317,32 +153,99 @@ RERUN_IMPORTS = {
 _ARTIFACT_CLASS = {"dataset": Dataset, "state": Artifact, "allocation": Artifact, "adapter": Model}
 
 
-def rerun_pipeline(stage: str, uris: dict[str, str]):  # noqa: ANN201
-    """A pipeline that runs `stage` and everything downstream of it, importing the upstream
-    artifacts at `uris` (output name -> URI, as an earlier run recorded them) with
-    `dsl.importer`. Its parameters are `guilomo_pipeline`'s, so one run config fits both."""
-    if stage not in RERUN_IMPORTS:
-        raise ValueError(f"cannot rerun {stage!r}; choose one of {', '.join(RERUN_IMPORTS)}")
-    missing = [k for k in RERUN_IMPORTS[stage] if not uris.get(k)]
-    if missing:
-        raise ValueError(f"rerun {stage}: no recorded URI for {', '.join(missing)}")
+class _Dag:
+    """Builds the tasks from the pipeline parameters `p` (KFP channels, by name)."""
 
-    def imported(name: str):
-        task = dsl.importer(
-            artifact_uri=uris[name], artifact_class=_ARTIFACT_CLASS[name], reimport=False
-        )
-        task.set_display_name(f"import {name}")
-        return task.output
+    def __init__(self, p: dict[str, Any]) -> None:
+        self.p = p
+        # every task's tracking arguments: the MLflow parent run, the KFP run and task
+        run, task = dsl.PIPELINE_JOB_ID_PLACEHOLDER, dsl.PIPELINE_TASK_ID_PLACEHOLDER
+        self.ids = {"parent_run_id": p["mlflow_parent_run_id"], "kfp_run": run, "kfp_task": task}
+        # `gpus` is also a plain argument of the GPU tasks: it carries gpu_count into dsl.If
+        # sub-DAGs, which the accelerator limit alone does not (kfp 2.17 omits it from their
+        # inputs), and it sets the number of torchrun processes.
+        self.gpu_ids = self.ids | {"gpus": p["gpu_count"]}
+        self.training_ids = self.gpu_ids | {"checkpoint_root": p["checkpoint_root"]}
 
-    @dsl.pipeline(name=f"guilomo-rerun-{stage}", description=f"guilomo: rerun from {stage}")
-    def rerun(
-        preprocess_config: dict = {},  # noqa: B006 (the same parameters as guilomo_pipeline)
+    def _set(self, task: dsl.PipelineTask, name: str, gpu: bool = False) -> dsl.PipelineTask:
+        config_map_env, secret_env = {k: k for k in ENV_KEYS}, {k: k for k in SECRET_KEYS}
+        kubernetes.use_config_map_as_env(task, ENV_CONFIG_MAP, config_map_env, optional=True)
+        kubernetes.use_secret_as_env(task, self.p["s3_secret"], secret_env, optional=True)
+        task.set_display_name(name)
+        if gpu:
+            task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(self.p["gpu_count"])
+            kubernetes.add_node_selector_json(task, self.p["gpu_node_selector"])
+            kubernetes.add_toleration_json(task, self.p["gpu_tolerations"])
+            task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
+        return task.set_caching_options(True)
+
+    def search(self, dataset):  # noqa: ANN001
+        task = search_op(config=self.p["search_config"], dataset=dataset, **self.training_ids)
+        return self._set(task, "search", gpu=True).outputs["state"]
+
+    def allocate(self, state=None):  # noqa: ANN001
+        """From a search state, or (state None) the preset in allocate_config."""
+        if state is None:
+            task = preset_op(config=self.p["allocate_config"], **self.ids)
+            return self._set(task, "allocate (preset)").outputs["allocation"]
+        task = allocate_op(config=self.p["allocate_config"], state=state, **self.ids)
+        return self._set(task, "allocate").outputs["allocation"]
+
+    def sft(self, dataset, allocation):  # noqa: ANN001
+        config = self.p["sft_config"]
+        task = sft_op(config=config, dataset=dataset, allocation=allocation, **self.training_ids)
+        return self._set(task, "sft", gpu=True).outputs["adapter"]
+
+    def evaluate(self, dataset, adapter=None) -> None:  # noqa: ANN001
+        """The adapter's score, or (adapter None) the untuned base model's."""
+        args = {"config": self.p["evaluate_config"], "dataset": dataset, **self.gpu_ids}
+        if adapter is None:
+            self._set(evaluate_base_op(**args), "evaluate (base)", gpu=True)
+        else:
+            self._set(evaluate_op(**args, adapter=adapter), "evaluate", gpu=True)
+
+    def whole(self) -> None:
+        task = preprocess_op(config=self.p["preprocess_config"], **self.ids)
+        dataset = self._set(task, "preprocess").outputs["dataset"]
+        # sft and evaluate are built in both branches: kfp.local cannot join them with dsl.OneOf
+        with dsl.If(self.p["use_preset"] == True, name="preset-allocation"):  # noqa: E712 (KFP)
+            self.evaluate(dataset, self.sft(dataset, self.allocate()))
+        with dsl.Else(name="searched-allocation"):
+            self.evaluate(dataset, self.sft(dataset, self.allocate(self.search(dataset))))
+        with dsl.If(self.p["evaluate_base"] == True, name="baseline"):  # noqa: E712
+            self.evaluate(dataset)
+
+    def rerun(self, stage: str, uris: dict[str, str]) -> None:
+        """`stage` and everything downstream, the upstream artifacts imported from `uris`."""
+        got = {}
+        for name in RERUN_IMPORTS[stage]:
+            cls = _ARTIFACT_CLASS[name]
+            task = dsl.importer(artifact_uri=uris[name], artifact_class=cls, reimport=False)
+            got[name] = task.set_display_name(f"import {name}").output
+        if stage in ("search", "allocate", "preset"):  # preset: no state, the preset allocation
+            state = self.search(got["dataset"]) if stage == "search" else got.get("state")
+            got["allocation"] = self.allocate(state)
+        if stage != "evaluate":
+            got["adapter"] = self.sft(got["dataset"], got["allocation"])
+        self.evaluate(got["dataset"], got["adapter"])
+
+
+def _pipeline(start: str | None = None, uris: dict[str, str] | None = None):
+    """The whole DAG, or (`start` a stage) the rerun DAG from `start`: one signature for both,
+    so one run config fits both."""
+    name = "guilomo" if start is None else f"guilomo-rerun-{start}"
+    stages = "preprocess -> GSV search -> allocation -> LoRA-MoE SFT -> evaluation"
+    text = f"GuiLoMo: {stages}" if start is None else f"guilomo: rerun from {start}"
+
+    @dsl.pipeline(name=name, description=text)
+    def guilomo_pipeline(
+        preprocess_config: dict = {},  # noqa: B006 (KFP pipeline parameters are literals)
         search_config: dict = {},  # noqa: B006
         allocate_config: dict = {},  # noqa: B006
         sft_config: dict = {},  # noqa: B006
         evaluate_config: dict = {},  # noqa: B006
         use_preset: bool = False,
-        evaluate_base: bool = False,
+        evaluate_base: bool = True,
         gpu_count: int = 1,
         gpu_node_selector: dict = {},  # noqa: B006
         gpu_tolerations: list = [],  # noqa: B006
@@ -350,44 +253,38 @@ def rerun_pipeline(stage: str, uris: dict[str, str]):  # noqa: ANN201
         checkpoint_root: str = "",
         s3_secret: str = "guilomo-s3",
     ):
-        dag = _Dag(
-            search_config,
-            allocate_config,
-            sft_config,
-            evaluate_config,
-            gpu_count,
-            gpu_node_selector,
-            gpu_tolerations,
-            mlflow_parent_run_id,
-            checkpoint_root,
-            s3_secret,
-        )
-        dataset = imported("dataset")
-        if stage == "search":
-            allocation = dag.allocate(dag.search(dataset))
-        elif stage == "allocate":
-            allocation = dag.allocate(imported("state"))
-        elif stage == "preset":
-            allocation = dag.allocate()
-        if stage == "evaluate":
-            adapter = imported("adapter")
+        """use_preset: skip the search and train the preset in allocate_config (the MoLA
+        baseline); evaluate_base: also evaluate the untuned base model (the baseline row);
+        mlflow_parent_run_id: the MLflow run each stage's child run hangs under ('' = untracked);
+        checkpoint_root: where search and SFT mirror their checkpoints ('' = the chart's
+        GUILOMO_CHECKPOINT_ROOT, else pod-local only); s3_secret: the Secret with the S3 keys."""
+        dag = _Dag(locals())  # the parameters (and `start`, `uris`) by name
+        if start is None:
+            dag.whole()
         else:
-            adapter = dag.sft(dataset, allocation if stage != "sft" else imported("allocation"))
-        dag.evaluate(dataset, adapter)
+            dag.rerun(start, uris)
 
-    return rerun
+    return guilomo_pipeline
+
+
+guilomo_pipeline = _pipeline()
+
+
+def rerun_pipeline(stage: str, uris: dict[str, str]):  # noqa: ANN201
+    """`guilomo_pipeline` from `stage` on, importing the upstream artifacts at `uris` (output
+    name -> URI, as an earlier run recorded them) with `dsl.importer`."""
+    if stage not in RERUN_IMPORTS:
+        raise ValueError(f"cannot rerun {stage!r}; choose one of {', '.join(RERUN_IMPORTS)}")
+    missing = [k for k in RERUN_IMPORTS[stage] if not uris.get(k)]
+    if missing:
+        raise ValueError(f"rerun {stage}: no recorded URI for {', '.join(missing)}")
+    return _pipeline(stage, uris)
 
 
 def compile_all(root: Path) -> list[Path]:
-    """Write components/<stage>.yaml and pipelines/guilomo.yaml under `root`."""
-    written = []
-    (root / "components").mkdir(parents=True, exist_ok=True)
-    (root / "pipelines").mkdir(parents=True, exist_ok=True)
-    for name, comp in COMPONENTS.items():
-        path = root / "components" / f"{name}.yaml"
-        compiler.Compiler().compile(comp, str(path))
-        written.append(path)
-    path = root / "pipelines" / "guilomo.yaml"
-    compiler.Compiler().compile(guilomo_pipeline, str(path))
-    written.append(path)
-    return written
+    jobs = [(root / "components" / f"{n}.yaml", c) for n, c in COMPONENTS.items()]
+    jobs.append((root / "pipelines" / "guilomo.yaml", guilomo_pipeline))
+    for path, func in jobs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        compiler.Compiler().compile(func, str(path))
+    return [path for path, _ in jobs]

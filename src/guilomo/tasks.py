@@ -1,17 +1,11 @@
-"""What each KFP component runs: one stage, tracked as an MLflow child run.
+"""What each KFP component runs: `run_task(stage, ...)`, one stage as an MLflow child run.
 
-The components in `guilomo.pipeline` are thin (KFP serialises their source); everything they
-do lives here, in `run_task(stage, ...)`, which tests call without KFP. It
-
-1. validates the stage's config (pydantic) and opens its `StageTracker`, which checks that
-   the MLflow server answers *before* any model is loaded;
-2. runs the stage's `Stage.run` (`guilomo.stages.STAGES`), logging per-step metrics and
-   printing progress lines;
-3. records its output artifact's URI and digest, key metrics, plots, the base model and raw
-   data identities on the child run.
-
-`Io` pairs the local path a task reads or writes (KFP's `artifact.path`) with the artifact's
-URI (KFP's `artifact.uri`: `s3://...` on a cluster), so manifests and MLflow name URIs.
+The components in `guilomo.pipeline` are thin (KFP serialises their source); tests call
+`run_task` without KFP. It validates the config, opens the `StageTracker` (which checks that
+MLflow answers *before* any model is loaded), runs `Stage.run` with per-step metrics and
+progress lines, and records the output's URI, metrics, plots, base model and raw data.
+`Io` pairs a local path (KFP's `artifact.path`) with its URI (`artifact.uri`: `s3://...` on
+a cluster), so manifests and MLflow name URIs.
 """
 
 from __future__ import annotations
@@ -41,8 +35,7 @@ class Io:
     uri: str
 
     @classmethod
-    def of(cls, artifact: Any) -> Io:
-        """From a KFP artifact object (anything with `.path` and `.uri`)."""
+    def of(cls, artifact: Any) -> Io:  # a KFP artifact: anything with `.path` and `.uri`
         return cls(Path(artifact.path), str(artifact.uri or artifact.path))
 
 
@@ -59,31 +52,20 @@ class Tracking:
     def tags(self) -> dict[str, str]:
         from . import __version__
 
-        tags = {
-            "kfp.run_id": self.kfp_run,
-            "kfp.task_id": self.kfp_task,
-            "guilomo.image": os.environ.get(IMAGE_ENV, f"guilomo:{__version__}"),
-        }
-        if self.gpus is not None:
-            tags["guilomo.gpus"] = str(self.gpus)
-        return {k: v for k, v in tags.items() if v}
+        image = os.environ.get(IMAGE_ENV, f"guilomo:{__version__}")
+        gpus = "" if self.gpus is None else str(self.gpus)
+        tags = {"kfp.run_id": self.kfp_run, "kfp.task_id": self.kfp_task, "guilomo.image": image}
+        return {k: v for k, v in (tags | {"guilomo.gpus": gpus}).items() if v}
 
     def checkpoint_uri(self, stage: str) -> str | None:
         """Where a long stage mirrors its checkpoints: `<root>/<kfp run>/<stage>`, stable
         across retries of the same run, so a retried pod resumes."""
         root = self.checkpoint_root or os.environ.get(CHECKPOINT_ROOT_ENV, "")
-        if not root:
-            return None
-        return f"{root.rstrip('/')}/{self.kfp_run or 'local'}/{stage}"
+        return f"{root.rstrip('/')}/{self.kfp_run or 'local'}/{stage}" if root else None
 
     def tracker(self, stage: str, config: Any, inputs: dict[str, Io]) -> StageTracker:
-        return StageTracker(
-            stage,
-            self.parent_run_id,
-            config=config,
-            inputs={k: v.uri for k, v in inputs.items()},
-            tags=self.tags(),
-        )
+        uris = {k: v.uri for k, v in inputs.items()}
+        return StageTracker(stage, self.parent_run_id, config=config, inputs=uris, tags=self.tags())
 
 
 def _say(msg: str) -> None:
@@ -127,20 +109,21 @@ def run_task(
     checkpointed stage with `tracking.gpus` > 1 (and not yet under torchrun) runs itself
     again under torchrun, one process per GPU of the node; rank 0 tracks and publishes."""
     from .artifacts import read_artifact
+    from .config import validated
     from .stages import STAGES, Context
 
     spec = STAGES[stage]
     if spec.checkpointed and _under_torchrun(stage, config, inputs, out, tracking):
         meta = read_artifact(out.path).metadata
         return {k: float(v) for k, v in meta.items() if isinstance(v, (int, float))}
-    from .config import validated
-
     cfg = validated(spec.config, config, f"{stage} config")
     name = spec.run_name(inputs)
     present = {k: v for k, v in inputs.items() if v is not None}
+    from .distributed import init_distributed, world  # torch: once the config is valid
+
     if spec.checkpointed:
-        tracking = _rank_tracking(tracking)
-    from .distributed import world
+        init_distributed()  # join torchrun's process group (if any): only rank 0 tracks
+        tracking = tracking if world()[0] == 0 else replace(tracking, parent_run_id="")
 
     with tracking.tracker(name, cfg, present) as tr:
         ctx = Context(
@@ -173,9 +156,8 @@ def run_task(
 def _record(
     tr: StageTracker, spec: Any, cfg: Any, metrics: dict, out: Io, ctx: Any, adapted: bool
 ) -> None:
-    """What a finished stage leaves on its MLflow run: its tags and metrics (an evaluation's
-    also on the adapter's LoggedModel, tied to the dataset), its output, the adapter as a
-    LoggedModel, its plots, the base model and raw data, and an evaluation's predictions."""
+    """Tags, metrics (an evaluation's also on the adapter's LoggedModel), the output, an adapter
+    as a LoggedModel, plots, base model and raw data, and an evaluation's predictions."""
     from .artifacts import read_artifact
 
     tr.log_tags(ctx.tags)
@@ -202,17 +184,8 @@ def _lineage_tags(meta: dict[str, Any]) -> dict[str, str]:
 
 def torchrun_command(task: str, nproc: int, args_file: Path) -> list[str]:
     """The command that reruns `task` on `nproc` processes of this node (one per GPU)."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "guilomo.tasks",
-        task,
-        str(args_file),
-    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*torchrun, f"--nproc-per-node={nproc}", "-m", "guilomo.tasks", task, str(args_file)]
 
 
 def _under_torchrun(
@@ -227,19 +200,11 @@ def _under_torchrun(
     import subprocess
     import tempfile
 
-    def io(v: Io | None) -> list[str] | None:
-        return None if v is None else [str(v.path), v.uri]
-
     nproc = int(tracking.gpus)
+    args = {"config": config, "inputs": inputs, "out": out, "tracking": tracking.__dict__}
     with tempfile.TemporaryDirectory() as tmp:
         args_file = Path(tmp) / "args.json"
-        args = {
-            "config": config,
-            "inputs": {k: io(v) for k, v in inputs.items()},
-            "out": io(out),
-            "tracking": tracking.__dict__,
-        }
-        args_file.write_text(json.dumps(args))
+        args_file.write_text(json.dumps(args, default=lambda io: [str(io.path), io.uri]))
         cmd = torchrun_command(stage, nproc, args_file)
         _say(f"{stage}: {nproc} processes: {' '.join(cmd)}")
         code = subprocess.run(cmd, check=False).returncode
@@ -250,27 +215,14 @@ def _under_torchrun(
     return True
 
 
-def _rank_tracking(tracking: Tracking) -> Tracking:
-    """Join torchrun's process group (if any); only rank 0 tracks: one child run per stage."""
-    from .distributed import init_distributed, world
-
-    init_distributed()
-    return tracking if world()[0] == 0 else replace(tracking, parent_run_id="")
-
-
 def _from_args_file(path: Path) -> dict[str, Any]:
     import json
 
-    def io(v: list[str] | None) -> Io | None:
-        return None if v is None else Io(Path(v[0]), v[1])
-
     args = json.loads(Path(path).read_text())
-    return {
-        "config": args["config"],
-        "inputs": {k: io(v) for k, v in args["inputs"].items()},
-        "out": io(args["out"]),
-        "tracking": Tracking(**args["tracking"]),
-    }
+    args["inputs"] = {k: v and Io(Path(v[0]), v[1]) for k, v in args["inputs"].items()}
+    args["out"] = Io(Path(args["out"][0]), args["out"][1])
+    args["tracking"] = Tracking(**args["tracking"])
+    return args
 
 
 if __name__ == "__main__":  # one rank of `torchrun_command`

@@ -1,10 +1,7 @@
 """The five pipeline stages, each one `Stage`: a name, its typed config, the artifact kinds
-it reads and writes, and `run(config, inputs, out, context) -> metrics`.
-
-`guilomo stage NAME`, `guilomo.tasks` (what the KFP components run) and the run config loop
-over `STAGES`; adding a stage is one module with a `run` function and one entry here. The
-registry is torch-free: a stage's module is imported only when it runs.
-"""
+it reads and writes, and `run(config, inputs, out, context) -> metrics`. `guilomo stage NAME`,
+`guilomo.tasks` and the run config loop over `STAGES`. The registry is torch-free: a stage's
+module is imported only when it runs."""
 
 from __future__ import annotations
 
@@ -12,16 +9,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from ..artifacts import ArtifactKind
 from ..config import AllocateConfig, EvalConfig, PreprocessConfig, SearchConfig, SftConfig
 
 #: `on_step(step, metrics)`: the steps done so far (1-based) and that step's metrics.
 StepHook = Callable[[int, dict[str, float]], None]
 Metrics = dict[str, float]
+if TYPE_CHECKING:  # the artifacts' manifest models are not needed for `--help`
+    from ..artifacts import ArtifactKind
 
 
 @dataclass(frozen=True)
@@ -32,12 +30,16 @@ class Input:
 
     name: str
     kind: ArtifactKind
-    help: str
     absent_name: str | None = None  # None: required
+    note: str = ""  # for its --help
 
     @property
     def required(self) -> bool:
         return self.absent_name is None
+
+    @property
+    def help(self) -> str:
+        return f"{self.kind}: folder or s3:// URI" + (f" ({self.note})" if self.note else "")
 
 
 @dataclass
@@ -56,13 +58,8 @@ class Context:
 
     def training(self) -> dict[str, Any]:
         """The keyword arguments of a training stage's `run_*` (search, SFT)."""
-        return {
-            "checkpoints": self.checkpoints,
-            "checkpoint_uri": self.checkpoint_uri,
-            "parents": self.parents,
-            "progress": self.progress,
-            "on_step": self.on_step,
-        }
+        keys = ("checkpoints", "checkpoint_uri", "parents", "progress", "on_step")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass(frozen=True)
@@ -97,7 +94,7 @@ class Stage:
         return self.name
 
 
-_DATASET = Input("dataset", "PreparedDataset", "PreparedDataset: folder or s3:// URI")
+_DATASET = Input("dataset", "PreparedDataset")
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -125,7 +122,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "allocate",
             AllocateConfig,
-            (Input("state", "SearchState", "SearchState: folder or s3:// URI", "preset"),),
+            (Input("state", "SearchState", "preset"),),
             ("allocation", "Allocation"),
             "Turn a SearchState (optionally under a parameter budget), a MoLA preset, or the "
             "reference code's expert.json / rank.json into an Allocation with heatmaps.",
@@ -133,7 +130,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "sft",
             SftConfig,
-            (_DATASET, Input("allocation", "Allocation", "Allocation: folder or s3:// URI")),
+            (_DATASET, Input("allocation", "Allocation")),
             ("adapter", "Adapter"),
             "Train a LoRA-MoE built from an Allocation on a PreparedDataset; checkpoints every N "
             "steps and resumes; runs under torchrun for several GPUs (DDP, or FSDP with "
@@ -145,15 +142,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "evaluate",
             EvalConfig,
-            (
-                _DATASET,
-                Input(
-                    "adapter",
-                    "Adapter",
-                    "Adapter: folder or s3:// URI (omit for the base model)",
-                    "evaluate-base",
-                ),
-            ),
+            (_DATASET, Input("adapter", "Adapter", "evaluate-base", "omit for the base model")),
             ("report", "EvalReport"),
             "Evaluate the base model, or the base plus an Adapter, on a split, in the "
             "dataset's formulation (rc / mc: each option scored by log-likelihood, as "
