@@ -1,21 +1,15 @@
 """SFT stage: train a LoRA-MoE built from an Allocation (fresh weights) on a PreparedDataset.
 
-Loss = CE + the adapter's auxiliary router losses. Gradient accumulation turns micro-batches
-into the configured batch; the data order and each step's dropout are seeded functions of
-the step (and rank), and every `checkpoint_every` steps the adapter, optimiser and LR
-schedule are saved, so a killed run restarted with the same arguments (and as many
-processes) continues to the same result. Under `torchrun` each
-process takes its share of every batch and gradients are averaged across processes
-(gloo on CPU, NCCL on GPUs): with `parallel: ddp` every process holds the whole model and
-the adapter gradients are all-reduced; with `parallel: fsdp` the base and adapter parameters
-are sharded over the processes (PyTorch FSDP2, one unit per decoder layer) for bases that do
-not fit one GPU. Checkpoints and the adapter hold full tensors either way, so a checkpoint
-resumes under either mode. The result is an `Adapter` artifact.
-
-With `checkpoint_uri` (e.g. `s3://bucket/runs/42/sft`) the local checkpoint folder is a
-working copy of one in the object store: it is pulled at the start (a retried pod resumes
-where the last one stopped) and pushed after every checkpoint save. `on_step(step, metrics)`
-is called on rank 0 after every optimiser step (loss, learning rate, tokens per second).
+Loss = CE + the adapter's auxiliary router losses; gradient accumulation turns micro-batches
+into the configured batch. Data order and each step's dropout are seeded functions of the
+step (and rank), and every `checkpoint_every` steps the adapter, optimiser and LR schedule
+are saved, so a killed run restarted with the same arguments continues to the same result.
+Under `torchrun` each process takes its share of every batch: with `parallel: ddp` every
+process holds the whole model and adapter gradients are all-reduced (gloo on CPU, NCCL on
+GPUs); with `parallel: fsdp` base and adapter are sharded (FSDP2, one unit per decoder
+layer) for bases that do not fit one GPU. Checkpoints hold full tensors either way, so one
+resumes under either mode. `checkpoint_uri` mirrors the checkpoint folder in an object
+store (pulled at the start, pushed after every save). The result is an `Adapter` artifact.
 """
 
 from __future__ import annotations
