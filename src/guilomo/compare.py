@@ -1,17 +1,7 @@
 """Compare two evaluations of the same questions: how far apart they are, and how sure.
 
-Two EvalReports of one split (say the uniform and the searched allocation) give two
-accuracies; whether their difference is more than the luck of the questions drawn is a
-paired question, because both systems answered the same questions. `compare_reports`
-checks that they did (same count, and question by question the same id and gold answer),
-then gives each accuracy with its Wilson interval, the difference B - A with a paired
-bootstrap interval, and the exact McNemar test on the questions only one of them got right
-(see `guilomo.evalstats`).
-
-    cmp = compare_reports(read_report("runs/eval-uniform"), read_report("runs/eval-2468"))
-    print(format_comparison(cmp, "runs/eval-uniform", "runs/eval-2468"))
-
-`guilomo compare REPORT_A REPORT_B` does the same from the command line (s3:// URIs too).
+Both answered the same questions (checked: ids and gold answers, in order), so the test is
+paired: a bootstrap interval of B - A and the exact McNemar test (`guilomo compare A B`).
 """
 
 from __future__ import annotations
@@ -30,12 +20,9 @@ METRIC_FIELD: dict[str, str] = {"acc": "correct", "acc_norm": "correct_norm"}
 
 @dataclass(frozen=True)
 class Comparison:
-    """Two evaluations of the same `n` questions under one metric (fractions, not percent).
-
-    `ci_a` / `ci_b` are 95% Wilson intervals, `diff` = acc_b - acc_a with its 95% paired
-    bootstrap interval `diff_ci` (`resamples`, `seed`), `b_only` / `a_only` the questions
-    only B / only A got right, and `p_value` the exact McNemar test on those two counts.
-    """
+    """Two evaluations of the same `n` questions under one metric (fractions, not percent):
+    95% Wilson intervals, `diff` = acc_b - acc_a with its paired bootstrap interval, the
+    questions only B / only A got right and the McNemar `p_value` on those two counts."""
 
     n: int
     acc_a: float
@@ -60,8 +47,7 @@ def formulation(report: Mapping[str, Any]) -> str:
 
 
 def _predictions(report: Mapping[str, Any], name: str) -> Sequence[Mapping[str, Any]]:
-    preds = report.get("predictions")
-    if not isinstance(preds, list):
+    if not isinstance(preds := report.get("predictions"), list):
         raise ValueError(
             f"{name}: the report has no 'predictions' list, so its questions cannot be paired; "
             "rerun `guilomo stage evaluate` to write one"
@@ -97,16 +83,12 @@ def _right(
     report: Mapping[str, Any], preds: Sequence[Mapping[str, Any]], name: str, metric: Metric
 ) -> list[bool]:
     """Per question, whether the report's pick under `metric` was the gold answer."""
-    if metric not in METRIC_FIELD:
-        raise ValueError(f"metric must be one of {sorted(METRIC_FIELD)}, got {metric!r}")
-    form = formulation(report)
-    if metric == "acc_norm" and form == "generate":
+    if metric == "acc_norm" and formulation(report) == "generate":
         raise ValueError(
             f"{name} is a 'generate' report, and that formulation has no acc_norm (only 'rc' and "
             "'mc' score options and pick by length-normalised score); compare with --metric acc"
         )
-    key = METRIC_FIELD[metric]
-    return [bool(_field(q, key, name, i)) for i, q in enumerate(preds)]
+    return [bool(_field(q, METRIC_FIELD[metric], name, i)) for i, q in enumerate(preds)]
 
 
 def compare_reports(
@@ -117,20 +99,11 @@ def compare_reports(
     resamples: int = 10000,
     seed: int = 0,
 ) -> Comparison:
-    """Compare two report.json contents (A, the baseline, and B) on the same questions.
-
-    Raises:
-        ValueError: the reports hold different questions (a different count, or at some
-            position a different id or gold answer: the first one is named), a report has
-            no 'predictions', or `metric` is "acc_norm" and a report is a generation.
-    """
+    """Compare two report.json contents (A, the baseline, and B) on the same questions."""
     pa, pb = _predictions(a, "A"), _predictions(b, "B")
     _check_same_questions(pa, pb)
-    if not pa:
-        raise ValueError("A and B have no questions: there is nothing to compare")
     right_a, right_b = _right(a, pa, "A", metric), _right(b, pb, "B", metric)
-    n = len(right_a)
-    k_a, k_b = sum(right_a), sum(right_b)
+    n, k_a, k_b = len(right_a), sum(right_a), sum(right_b)
     a_only = sum(x and not y for x, y in zip(right_a, right_b, strict=True))
     b_only = sum(y and not x for x, y in zip(right_a, right_b, strict=True))
     diff, lo, hi = paired_bootstrap(right_a, right_b, resamples=resamples, seed=seed)
@@ -153,33 +126,24 @@ def compare_reports(
     )
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def _p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
-
-
 def format_comparison(cmp: Comparison, name_a: str, name_b: str) -> str:
     """Four lines: each accuracy with its Wilson interval, B - A with its bootstrap
     interval, and the McNemar counts and p-value (percent and points, one decimal)."""
-    lines = []
-    for tag, name, acc, ci, form in (
-        ("A", name_a, cmp.acc_a, cmp.ci_a, cmp.formulation_a),
-        ("B", name_b, cmp.acc_b, cmp.ci_b, cmp.formulation_b),
-    ):
-        lines.append(
-            f"{tag} {name}: {_pct(acc)}% [{_pct(ci[0])}, {_pct(ci[1])}] "
-            f"(N={cmp.n:,}, {form}, {cmp.metric})"
+    lines = [
+        f"{tag} {name}: {100 * acc:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] "
+        f"(N={cmp.n:,}, {form}, {cmp.metric})"
+        for tag, name, acc, ci, form in (
+            ("A", name_a, cmp.acc_a, cmp.ci_a, cmp.formulation_a),
+            ("B", name_b, cmp.acc_b, cmp.ci_b, cmp.formulation_b),
         )
+    ]
     lo, hi = cmp.diff_ci
-    lines.append(
-        f"B - A: {100 * cmp.diff:+.1f} points, 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}] "
-        f"(paired bootstrap, {cmp.resamples:,} resamples, seed {cmp.seed})"
+    p = f"{cmp.p_value:.3f}" if cmp.p_value >= 0.001 else f"{cmp.p_value:.1e}"
+    return "\n".join(
+        [
+            *lines,
+            f"B - A: {100 * cmp.diff:+.1f} points, 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+            f"(paired bootstrap, {cmp.resamples:,} resamples, seed {cmp.seed})",
+            f"McNemar exact: A only right {cmp.a_only:,}, B only right {cmp.b_only:,}, p = {p}",
+        ]
     )
-    lines.append(
-        f"McNemar exact: A only right {cmp.a_only:,}, B only right {cmp.b_only:,}, "
-        f"p = {_p(cmp.p_value)}"
-    )
-    return "\n".join(lines)

@@ -1,21 +1,7 @@
-"""Uncertainty for evaluation reports: how sure an accuracy, and a difference of two, is.
+"""How sure an accuracy, and a difference of two, is (pure Python + numpy).
 
-Benchmarks here are a few hundred to a few thousand questions, so an accuracy of 41.2% on
-570 questions is 41.2% +- 4 points, and two adapters 2 points apart on the same questions
-may well be tied. This module gives the numbers that say so (pure Python + numpy):
-
-* `wilson_interval`: the Wilson score interval of one accuracy (good at 0/n, n/n and small
-  n, where the normal "p +- 1.96 sqrt(p(1-p)/n)" interval collapses or leaves [0, 1]);
-* `mcnemar_exact`: the exact McNemar test of two systems on the same questions, from the
-  questions only one of them got right;
-* `paired_bootstrap`: a percentile bootstrap interval of the difference of two accuracies,
-  resampling questions (the same ones for both systems, which is what makes it paired);
-* `summarise`: a JSON-ready summary of one evaluation with its interval, the predicted and
-  gold letter counts and the majority-answer baseline.
-
-    lo, hi = wilson_interval(235, 570)                      # (0.373, 0.453)
-    p = mcnemar_exact(31, 46)                               # 0.110
-    diff, lo, hi = paired_bootstrap(right_a, right_b, seed=0)
+41.2% on 570 questions is 41.2% +- 4 points, and two adapters 2 points apart on the same
+questions may well be tied. Wilson, not normal, intervals: sound at 0/n, n/n and small n.
 """
 
 from __future__ import annotations
@@ -41,20 +27,13 @@ def _z(confidence: float) -> float:
 
 
 def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
-    """The Wilson score interval of the proportion `correct / total`.
-
-    With p = k/n and z the two-sided normal quantile of `confidence`:
-    centre = (p + z^2/2n) / (1 + z^2/n), half-width = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
-
-    Raises:
-        ValueError: `total` is 0 (no questions, no accuracy), or `correct` is not in [0, total].
-    """
+    """The Wilson score interval of `correct / total`: with p = k/n and z the normal quantile,
+    centre (p + z^2/2n) / (1 + z^2/n), half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)."""
     if total <= 0:
         raise ValueError(f"total must be >= 1 question, got {total}: there is no accuracy to bound")
     if not 0 <= correct <= total:
         raise ValueError(f"correct must be between 0 and total={total}, got {correct}")
-    z = _z(confidence)
-    p = correct / total
+    z, p = _z(confidence), correct / total
     denom = 1.0 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1.0 - p) / total + z * z / (4 * total * total)) / denom
@@ -64,19 +43,12 @@ def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple
 
 
 def mcnemar_exact(b: int, c: int) -> float:
-    """The two-sided exact McNemar p-value of two systems scored on the same questions.
-
-    `b` counts the questions system A got right and B wrong, `c` the reverse (the questions
-    both got right or both wrong say nothing about which is better). Under "equally good"
-    each discordant question is a fair coin: p = min(1, 2 P(X <= min(b, c))) with
-    X ~ Binomial(b + c, 1/2), computed exactly in integers; 1 when there are no discordant
-    questions.
-    """
+    """The two-sided exact McNemar p-value from the questions only A (`b`) or only B (`c`) got
+    right: each is a fair coin if both are equally good, so p = min(1, 2 P(X <= min(b, c))),
+    X ~ Binomial(b + c, 1/2), exactly in integers; 1 without discordant questions."""
     if b < 0 or c < 0:
         raise ValueError(f"discordant counts are >= 0, got b={b}, c={c}")
-    n = b + c
-    if n == 0:
-        return 1.0
+    n = b + c  # n = 0: tail 1, so p = 1
     tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
     return min(1.0, 2 * tail / 2**n)  # int / int: exact, then rounded once to a float
 
@@ -98,26 +70,20 @@ def paired_bootstrap(
     seed: int = 0,
     confidence: float = 0.95,
 ) -> tuple[float, float, float]:
-    """(accuracy(b) - accuracy(a), lower, upper) by the percentile paired bootstrap.
-
-    `a[i]` and `b[i]` say whether systems A and B got question i right. Each resample draws
-    N question indices with replacement and takes the difference of the two accuracies on
-    those questions (the same indices for both: the pairing); the interval is the
-    (1 - confidence)/2 and (1 + confidence)/2 quantiles of the `resamples` differences.
-    Seeded (numpy's default generator), so the same inputs and seed give the same interval.
-    """
+    """(accuracy(b) - accuracy(a), lower, upper) by the seeded percentile paired bootstrap:
+    `a[i]`, `b[i]` say whether A and B got question i right; each resample draws N question
+    indices with replacement, the same for both (the pairing)."""
     xa, xb = _as_bool_array(a, "a"), _as_bool_array(b, "b")
     if xa.shape != xb.shape:
         raise ValueError(
             f"a paired bootstrap needs the same questions: a has {xa.size}, b has {xb.size}"
         )
-    n = xa.size
-    if n == 0:
+    if (n := xa.size) == 0:
         raise ValueError("no questions: there is no difference to bound")
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
-    alpha = 1.0 - confidence
     _z(confidence)  # validates confidence
+    alpha = 1.0 - confidence
     d = xb.astype(np.int8) - xa.astype(np.int8)  # (N,) per question: -1, 0 or +1
     rng = np.random.default_rng(seed)
     rows = max(1, _CHUNK_ELEMENTS // n)
@@ -133,15 +99,10 @@ def paired_bootstrap(
 def summarise(
     correct: Sequence[bool], predictions: Sequence[str | None], answers: Sequence[str]
 ) -> dict[str, Any]:
-    """A JSON-ready summary of one evaluation.
-
-    ``{"accuracy", "correct", "total", "ci95": [lo, hi] (Wilson), "predicted": {letter:
-    count, ..., "none": count}, "gold": {letter: count}, "majority_baseline": {"answer",
-    "accuracy", "ci95"}}``. "predicted" lists every letter that is a gold answer or a
-    prediction, zeros included (a model that never says "D" shows "D": 0), and "none" (no
-    answer extracted) only when there is one. The majority baseline always answers the most
-    common gold letter (ties: the earliest letter), the accuracy to beat.
-    """
+    """``{"accuracy", "correct", "total", "ci95", "predicted", "gold", "majority_baseline"}``
+    of one evaluation. "predicted" counts every gold or predicted letter, zeros included (a
+    model that never says "D" shows "D": 0), and "none" (no answer) when there is one. The
+    majority baseline answers the most common gold letter (ties: the earliest)."""
     n = len(correct)
     if not n == len(predictions) == len(answers):
         raise ValueError(
@@ -153,10 +114,8 @@ def summarise(
     k = sum(bool(x) for x in correct)
     gold = Counter(answers)
     picked = Counter(p for p in predictions if p is not None)
-    letters = sorted(set(gold) | set(picked))
-    predicted: dict[str, int] = {x: picked[x] for x in letters}
-    nones = sum(p is None for p in predictions)
-    if nones:
+    predicted: dict[str, int] = {x: picked[x] for x in sorted(set(gold) | set(picked))}
+    if nones := sum(p is None for p in predictions):
         predicted["none"] = nones
     majority = min(gold, key=lambda x: (-gold[x], x))
     return {

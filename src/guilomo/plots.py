@@ -1,23 +1,12 @@
-"""Figures of an allocation and of a GSV search (PNG, matplotlib's Agg backend).
-
-`allocation_heatmaps` draws how many experts each module got and the rank of every expert.
-`gsv_trajectories` draws, from a search state, where the capacity went and when the
-selection settled (``search_capacity.png``: expected experts and rank per projection kind
-over the steps, and the share of modules whose selected allocation still differs from the
-final one), the final selection per decoder layer x projection kind (``search_final.png``)
-and the search's losses and size terms (``search_loss.png``).
-
-The numbers behind each figure come from small pure helpers (`experts_grid`, `ranks_grid`,
-`capacity_series`, `selected_modes`, `settle_step`, `final_grids`) so they can be checked
-without looking at pixels.
-"""
+"""Figures of an allocation, a GSV search, an SFT loss and the experts' load (PNG, Agg).
+The numbers behind each come from small pure helpers, checked without looking at pixels."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import matplotlib
@@ -50,15 +39,17 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # -- module names ----------------------------------------------------------------------------
 def _parse(name: str) -> tuple[str, int, str] | None:
     """``(prefix, layer, suffix)`` of ``<prefix>layers.<i>.<suffix>``, or None without a layer."""
-    m = _LAYER.search(name)
-    if m is None:
+    if (m := _LAYER.search(name)) is None:
         return None
     return name[: m.start(1) - len("layers.")], int(m.group(1)), name[m.end() :]
 
 
+def _last(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
 def _kind_key(kind: str) -> tuple[int, str]:
-    last = kind.rsplit(".", 1)[-1]
-    return (KIND_ORDER.index(last) if last in KIND_ORDER else len(KIND_ORDER), kind)
+    return (KIND_ORDER.index(_last(kind)) if _last(kind) in KIND_ORDER else len(KIND_ORDER), kind)
 
 
 def _prefix_tag(prefix: str) -> str:
@@ -74,26 +65,23 @@ class _Layout:
         parsed = {n: _parse(n) for n in names}
         layered = {n: p for n, p in parsed.items() if p is not None}
         self.unlayered = [n for n, p in parsed.items() if p is None]
-        prefixes = sorted({p[0] for p in layered.values()})
-        self.multi_prefix = len(prefixes) > 1
-
-        def kinds(full: bool) -> dict[str, str]:
-            return {n: (p[2] if full else p[2].rsplit(".", 1)[-1]) for n, p in layered.items()}
-
+        self.multi_prefix = len({p[0] for p in layered.values()}) > 1
         # The last name component names the row, unless two modules of one layer share it
         # (e.g. ``mlp.down_proj`` and ``mlp.experts.0.down_proj``): then the full suffix does.
-        self.kind = kinds(False)
+        self.kind = {n: _last(p[2]) for n, p in layered.items()}
         cells = [(p[0], p[1], self.kind[n]) for n, p in layered.items()]
         if len(set(cells)) < len(cells):
-            self.kind = kinds(True)
+            self.kind = {n: p[2] for n, p in layered.items()}
         self.column = {n: (p[0], p[1]) for n, p in layered.items()}
-
         self.columns: list[tuple[str, int]] = sorted(set(self.column.values()))
         self.kinds: list[str] = sorted(set(self.kind.values()), key=_kind_key)
         # Modules in reading order: layer by layer, kinds in row order, then the rest.
         self.ordered = sorted(
             layered, key=lambda n: (self.column[n], _kind_key(self.kind[n]))
         ) + list(self.unlayered)
+
+    def kind_of(self, name: str) -> str:
+        return self.kind.get(name, _last(name))
 
     def column_label(self, col: tuple[str, int]) -> str:
         prefix, layer = col
@@ -110,103 +98,60 @@ class _Layout:
 
 # -- the matrices ----------------------------------------------------------------------------
 def _module_grid(values: Mapping[str, float]) -> tuple[list[str], list[str], np.ndarray]:
-    """``(row_labels, col_labels, grid)``: one value per module, projection kind x layer.
-
-    Rows are projection kinds (q, k, v, o, gate, up, down first), columns decoder layers, then
-    one column per module outside the decoder layers (its row is its last name component).
-    Cells without a module are NaN.
-    """
+    """``(rows, cols, grid)``: projection kinds (q, k, v, o, gate, up, down first) x decoder
+    layers, then a column per module outside them (row: its last name); NaN: no module."""
     lay = _Layout(list(values))
-    rows = list(lay.kinds)
-    extra_rows = sorted({n.rsplit(".", 1)[-1] for n in lay.unlayered} - set(rows), key=_kind_key)
-    rows += extra_rows
-    cols = [lay.column_label(c) for c in lay.columns] + list(lay.unlayered)
+    extra_rows = {_last(n) for n in lay.unlayered} - set(lay.kinds)
+    rows = lay.kinds + sorted(extra_rows, key=_kind_key)
+    cols = [lay.column_label(c) for c in lay.columns] + lay.unlayered
+    col_index = {c: j for j, c in enumerate([*lay.columns, *lay.unlayered])}
     grid = np.full((len(rows), len(cols)), np.nan)
-    col_index = {c: j for j, c in enumerate(lay.columns)}
     for name, v in values.items():
-        if name in lay.column:
-            i, j = rows.index(lay.kind[name]), col_index[lay.column[name]]
-        else:
-            i = rows.index(name.rsplit(".", 1)[-1])
-            j = len(lay.columns) + lay.unlayered.index(name)
-        grid[i, j] = v
+        grid[rows.index(lay.kind_of(name)), col_index[lay.column.get(name, name)]] = v
     return rows, cols, grid
 
 
-def experts_grid(alloc: Allocation) -> tuple[list[str], list[str], np.ndarray]:
-    """``(row_labels, col_labels, grid)``: expert count per projection kind x decoder layer.
+def _module_rows(values: Mapping[str, Sequence[float]]) -> tuple[list[str], np.ndarray]:
+    """``(labels, grid)``: one row per module in layer order; NaN past the end of its values."""
+    lay = _Layout(list(values))
+    grid = np.full((len(lay.ordered), max(map(len, values.values()), default=0)), np.nan)
+    for i, name in enumerate(lay.ordered):
+        grid[i, : len(values[name])] = values[name]
+    return [lay.module_label(n) for n in lay.ordered], grid
 
-    Rows are projection kinds (q, k, v, o, gate, up, down first), columns decoder layers, then
-    one column per module outside the decoder layers (its row is its last name component).
-    Cells without a module are NaN.
-    """
+
+def experts_grid(alloc: Allocation) -> tuple[list[str], list[str], np.ndarray]:
+    """``(row_labels, col_labels, grid)``: expert count per projection kind x decoder layer."""
     return _module_grid({n: m.experts for n, m in alloc.modules.items()})
 
 
 def ranks_grid(alloc: Allocation) -> tuple[list[str], np.ndarray]:
     """``(labels, grid)``: rank of expert j (column) of every module (row); NaN past its last."""
-    lay = _Layout(list(alloc.modules))
-    n_max = max(m.experts for m in alloc.modules.values())
-    grid = np.full((len(lay.ordered), n_max), np.nan)
-    for i, name in enumerate(lay.ordered):
-        ranks = alloc.modules[name].ranks
-        grid[i, : len(ranks)] = ranks
-    return [lay.module_label(n) for n in lay.ordered], grid
+    return _module_rows({n: m.ranks for n, m in alloc.modules.items()})
 
 
 # -- drawing ---------------------------------------------------------------------------------
-def _tall_figure(n_rows: int, width: float) -> tuple[Figure, Axes]:
-    height = min(MAX_INCHES, max(3.0, ROW_INCHES * n_rows + 1.6))
-    return plt.subplots(figsize=(width, height), dpi=DPI)
-
-
-def _per_expert(
-    labels: Sequence[str], grid: np.ndarray, path: Path, *, title: str, unit: str, max_cols: int = 0
-) -> Path:
-    """A module x expert heatmap, one row per module; cells annotated while they stay legible."""
-    fig, ax = _tall_figure(len(labels), width=max(5.0, 0.45 * grid.shape[1] + 3.5))
-    annotate = len(labels) <= 60 and (max_cols == 0 or grid.shape[1] <= max_cols)
-    cols = [str(j) for j in range(grid.shape[1])]
-    _heatmap(
-        fig,
-        ax,
-        grid,
-        labels,
-        cols,
-        title=title,
-        xlabel="expert",
-        ylabel="module",
-        cbar_label=unit,
-        annotate=annotate,
-    )
-    return _save(fig, path)
-
-
 def _heatmap(
-    fig: Figure,
     ax: Axes,
     grid: np.ndarray,
     row_labels: Sequence[str],
     col_labels: Sequence[str],
-    *,
-    title: str,
-    xlabel: str,
-    ylabel: str,
     cbar_label: str,
-    annotate: bool,
-    fmt: Callable[[float], str] | None = None,
+    *,
+    max_cols: int = ANNOTATE_MAX_COLS,
+    fmt: Callable[[float], str] = "{:g}".format,
 ) -> None:
-    data = np.ma.masked_invalid(grid)
+    """A heatmap with a colour bar, empty cells grey, tick labels thinned to stay legible and
+    cells annotated while the grid has at most `max_cols` columns and 60 rows."""
+    fig = ax.figure
     cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
-    im = ax.imshow(data, cmap=cmap, aspect="auto", interpolation="nearest")
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", interpolation="nearest")
     values = grid[~np.isnan(grid)]
     if values.size and values.min() == values.max():  # one value: centre it on the colour scale
         im.set_clim(values.min() - 1, values.max() + 1)
     integer = bool(values.size) and np.allclose(values % 1, 0)
-    cbar = fig.colorbar(
-        im, ax=ax, fraction=0.05, pad=0.02, ticks=MaxNLocator(integer=True) if integer else None
-    )
-    cbar.set_label(cbar_label)
+    ticks = MaxNLocator(integer=True) if integer else None
+    fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, ticks=ticks).set_label(cbar_label)
 
     n_rows, n_cols = grid.shape
     # Thin the tick labels so they stay about 0.11 in apart (rows) / 0.3 in apart (columns).
@@ -220,70 +165,55 @@ def _heatmap(
     ax.tick_params(axis="x", labelsize=7 if n_cols > 20 else 9)
     if any(len(c) > 4 for c in col_labels[::col_step]):
         plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    if n_cols > max_cols or n_rows > 60:
+        return
+    lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
+    for (i, j), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            bright = hi > lo and (v - lo) / (hi - lo) > 0.6
+            color, size = "black" if bright else "white", 7 if n_cols > 16 else 8
+            ax.text(j, i, fmt(v), ha="center", va="center", fontsize=size, color=color)
 
-    if annotate and n_cols <= ANNOTATE_MAX_COLS and n_rows <= 60:
-        lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
-        for (i, j), v in np.ndenumerate(grid):
-            if np.isnan(v):
-                continue
-            bright = (v - lo) / (hi - lo) > 0.6 if hi > lo else False
-            ax.text(
-                j,
-                i,
-                f"{v:g}" if fmt is None else fmt(v),
-                ha="center",
-                va="center",
-                fontsize=7 if n_cols > 16 else 8,
-                color="black" if bright else "white",
-            )
+
+def _per_expert(
+    labels: Sequence[str],
+    grid: np.ndarray,
+    path: Path,
+    *,
+    title: str,
+    unit: str,
+    max_cols: int = ANNOTATE_MAX_COLS,
+) -> Path:
+    """A module x expert heatmap, one row per module."""
+    height = min(MAX_INCHES, max(3.0, ROW_INCHES * len(labels) + 1.6))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * grid.shape[1] + 3.5), height), dpi=DPI)
+    _heatmap(ax, grid, labels, [str(j) for j in range(grid.shape[1])], unit, max_cols=max_cols)
+    ax.set(title=title, xlabel="expert", ylabel="module")
+    return _save(fig, path)
 
 
 def _save(fig: Figure, path: Path) -> Path:
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return path
+    return Path(path)
 
 
 # -- public API ------------------------------------------------------------------------------
 def allocation_heatmaps(alloc: Allocation, out_dir: Path) -> list[Path]:
-    """Write ``allocation_experts.png`` and ``allocation_ranks.png`` to `out_dir`.
-
-    The first is the expert count per projection kind x decoder layer, the second the rank
-    of every expert of every module. Returns the paths written.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+    """Write ``allocation_experts.png`` (expert count per projection kind x decoder layer) and
+    ``allocation_ranks.png`` (the rank of every expert of every module); returns their paths."""
     rows, cols, grid = experts_grid(alloc)
-    fig, ax = plt.subplots(
-        figsize=(
-            min(MAX_INCHES, max(5.0, 0.38 * len(cols) + 2.5)),
-            max(2.8, 0.4 * len(rows) + 1.6),
-        ),
-        dpi=DPI,
-    )
-    _heatmap(
-        fig,
-        ax,
-        grid,
-        rows,
-        cols,
-        title="Experts per module",
-        xlabel="decoder layer",
-        ylabel="projection",
-        cbar_label="experts",
-        annotate=True,
-    )
-    experts_png = _save(fig, out_dir / "allocation_experts.png")
-
-    labels, rgrid = ranks_grid(alloc)
+    size = (min(MAX_INCHES, max(5.0, 0.38 * len(cols) + 2.5)), max(2.8, 0.4 * len(rows) + 1.6))
+    fig, ax = plt.subplots(figsize=size, dpi=DPI)
+    _heatmap(ax, grid, rows, cols, "experts")
+    ax.set(title="Experts per module", xlabel="decoder layer", ylabel="projection")
+    experts_png = _save(fig, Path(out_dir) / "allocation_experts.png")
+    labels, ranks = ranks_grid(alloc)
     ranks_png = _per_expert(
-        labels, rgrid, out_dir / "allocation_ranks.png", title="Rank per expert", unit="rank"
+        labels, ranks, Path(out_dir) / "allocation_ranks.png", title="Rank per expert", unit="rank"
     )
     return [experts_png, ranks_png]
 
@@ -301,32 +231,21 @@ class SearchSettings:
     def of(cls, doc: Mapping) -> SearchSettings:
         """From a state's JSON; states written before the estimator existed are ``reference``."""
         cfg = doc.get("config") or {}
-        return cls(
-            top_k=int(cfg.get("top_k", 1)),
-            estimator=str(cfg.get("estimator") or "reference"),
-            tau=float(cfg.get("tau") or 1.0),
-        )
-
-
-def _kind_of(lay: _Layout, name: str) -> str:
-    return lay.kind.get(name, name.rsplit(".", 1)[-1])
+        estimator, tau = cfg.get("estimator") or "reference", cfg.get("tau") or 1.0
+        return cls(top_k=int(cfg.get("top_k", 1)), estimator=str(estimator), tau=float(tau))
 
 
 def expected_capacity(
     expert: torch.Tensor, rank: torch.Tensor, settings: SearchSettings
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Expected expert count (...,) and expected rank per expert (...,) of stacked GSVs
-    (..., N) and (..., N, R), e.g. a history (steps, modules, N).
-
-    The rank is the mean of the experts' expected ranks over the experts the module is
-    expected to have: weighted by P(n >= j) (``expected``), or over the selected first n
-    (``reference``, a point choice).
-    """
+    """Expected expert count (...,) and rank per expert (...,) of stacked GSVs (..., N) and
+    (..., N, R): the experts' expected ranks averaged with weights P(n >= j) (``expected``),
+    or over the selected first n (``reference``, a point choice)."""
     expert, rank = expert.double(), rank.double()
-    kw = {"top_k": settings.top_k, "tau": settings.tau}
-    n, r = expected_choice(expert, rank, estimator=settings.estimator, **kw)  # (...,), (..., N)
+    n, r = expected_choice(expert, rank, **asdict(settings))  # (...,), (..., N)
     if settings.estimator == "expected":
-        keep = at_least(count_distributions(expert, rank, **kw)[0])  # (..., N) P(n >= j)
+        q, _ = count_distributions(expert, rank, top_k=settings.top_k, tau=settings.tau)
+        keep = at_least(q)  # (..., N) P(n >= j)
     else:
         keep = (torch.arange(expert.shape[-1]) < n[..., None]).double()
     mean_rank = (keep * r).sum(-1) / keep.sum(-1)
@@ -336,20 +255,15 @@ def expected_capacity(
 def selected_modes(
     expert: torch.Tensor, rank: torch.Tensor, settings: SearchSettings
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The selected allocation (the mode, as `guilomo.moe.gsv.choose`) of stacked GSVs:
-    expert counts (...,) and the rank of every expert slot (..., N) (slots past the count
-    are not selected: ignore them)."""
-    n, ranks = modes(
-        expert, rank, top_k=settings.top_k, estimator=settings.estimator, tau=settings.tau
-    )
+    """The mode (as `guilomo.moe.gsv.choose`) of stacked GSVs: expert counts (...,) and the
+    rank of every expert slot (..., N), slots past the count unselected."""
+    n, ranks = modes(expert, rank, **asdict(settings))
     return n.numpy(), ranks.numpy()
 
 
 def changed_shares(n: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per step, the share of modules whose selection differs from the last step's:
-    ``(allocation differs (S,), expert count differs (S,))`` from `selected_modes` of a
-    history, n (S, M) and ranks (S, M, N). An allocation differs when its count does or the
-    rank of one of its selected experts does."""
+    """Per step, the share of modules whose allocation (count or a selected expert's rank) and
+    whose count differ from the last step's, from `selected_modes` of a history."""
     final_n, final_r = n[-1], ranks[-1]
     count = n != final_n  # (S, M)
     selected = np.arange(ranks.shape[-1]) < final_n[:, None]  # (M, N)
@@ -360,8 +274,7 @@ def changed_shares(n: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.nda
 def settle_step(steps: Sequence[int], share: Sequence[float]) -> int | None:
     """The first logged step from which `share` (of modules differing from the final
     selection) stays 0, or None when it changed at the last logged step (not settled)."""
-    share = np.asarray(share)
-    differing = np.flatnonzero(share > 0)
+    differing = np.flatnonzero(np.asarray(share) > 0)
     first = 0 if differing.size == 0 else int(differing[-1]) + 1
     if first >= len(share) or (first == len(share) - 1 and len(share) > 1):
         return None
@@ -384,7 +297,7 @@ class CapacitySeries:
     settings: SearchSettings
 
 
-def _history(doc: Mapping, tensors: Mapping[str, torch.Tensor], where: object = "state"):
+def _history(doc: Mapping, tensors: Mapping[str, torch.Tensor], where: object):
     missing = [k for k in ("history.step", "history.expert", "history.rank") if k not in tensors]
     if missing:
         raise ValueError(
@@ -404,19 +317,15 @@ def _history(doc: Mapping, tensors: Mapping[str, torch.Tensor], where: object = 
 def capacity_series(
     doc: Mapping, tensors: Mapping[str, torch.Tensor], *, where: object = "state"
 ) -> CapacitySeries:
-    """The series of ``search_capacity.png`` from a state (`read_state`'s ``(doc, tensors)``).
-
-    Raises `ValueError` when the state has no GSV history (`where` names it in the message).
-    """
+    """The series of ``search_capacity.png`` from a state (`read_state`'s ``(doc, tensors)``);
+    `ValueError` (naming `where`) when it has no GSV history."""
     names, steps, g_e, g_r = _history(doc, tensors, where)
     settings = SearchSettings.of(doc)
     n_exp, r_exp = expected_capacity(g_e, g_r, settings)  # (S, M) each
-    lay = _Layout(names)
-    kind = [_kind_of(lay, n) for n in names]
+    kind = [_Layout(names).kind_of(n) for n in names]
     kinds = sorted(set(kind), key=_kind_key)
     members = [[i for i, k in enumerate(kind) if k == kk] for kk in kinds]
-    n_sel, r_sel = selected_modes(g_e, g_r, settings)
-    changed, count_changed = changed_shares(n_sel, r_sel)
+    changed, count_changed = changed_shares(*selected_modes(g_e, g_r, settings))
     return CapacitySeries(
         steps=steps,
         kinds=kinds,
@@ -434,40 +343,29 @@ def capacity_series(
 def final_grids(
     doc: Mapping, tensors: Mapping[str, torch.Tensor], *, where: object = "state"
 ) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """``(layer_labels, kind_labels, experts, mean_rank)`` of the last history row's selection:
-    selected experts and mean selected rank over them, decoder layer (rows) x projection kind
-    (columns); modules outside the decoder layers follow as rows of their own. NaN: no module.
-    """
+    """``(layers, kinds, experts, mean_rank)``: the last history row's selection, decoder layer
+    x projection kind (`_module_grid` transposed)."""
     names, _, g_e, g_r = _history(doc, tensors, where)
     n, ranks = selected_modes(g_e[-1], g_r[-1], SearchSettings.of(doc))  # (M,), (M, N)
-    experts = {name: float(n[i]) for i, name in enumerate(names)}
+    kinds, layers, e_grid = _module_grid({name: float(n[i]) for i, name in enumerate(names)})
     mean_rank = {name: float(ranks[i, : n[i]].mean()) for i, name in enumerate(names)}
-    kinds, layers, e_grid = _module_grid(experts)
-    _, _, r_grid = _module_grid(mean_rank)
-    return layers, kinds, e_grid.T, r_grid.T
+    return layers, kinds, e_grid.T, _module_grid(mean_rank)[2].T
 
 
 # -- drawing a search ------------------------------------------------------------------------
-def _kind_colors(kinds: Sequence[str]) -> dict[str, object]:
-    cmap = plt.get_cmap("tab10" if len(kinds) <= 10 else "tab20")
-    return {k: cmap(i % cmap.N) for i, k in enumerate(kinds)}
-
-
 def _capacity_figure(c: CapacitySeries) -> Figure:
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), dpi=DPI)
-    colors = _kind_colors(c.kinds)
+    cmap = plt.get_cmap("tab10" if len(c.kinds) <= 10 else "tab20")
     marker = "." if len(c.steps) <= 50 else None
-    expected = c.settings.estimator == "expected"
-    word = "Expected" if expected else "Selected"
+    word = "Expected" if c.settings.estimator == "expected" else "Selected"
     for ax, per_kind, overall, title, ylabel in (
         (axes[0], c.experts, c.all_experts, f"{word} experts per module", "experts"),
         (axes[1], c.rank, c.all_rank, f"{word} rank per expert", "rank"),
     ):
-        for kind, ys in zip(c.kinds, per_kind, strict=True):
-            ax.plot(c.steps, ys, color=colors[kind], label=kind, marker=marker, lw=1.4)
+        for i, (kind, ys) in enumerate(zip(c.kinds, per_kind, strict=True)):
+            ax.plot(c.steps, ys, color=cmap(i % cmap.N), label=kind, marker=marker, lw=1.4)
         ax.plot(c.steps, overall, color="black", ls="--", lw=1.2, label="all modules")
-        ax.set_title(f"{title} (mean over layers)")
-        ax.set_ylabel(ylabel)
+        ax.set(title=f"{title} (mean over layers)", ylabel=ylabel)
     axes[0].legend(fontsize=8, ncol=2 if len(c.kinds) > 5 else 1)
 
     ax = axes[2]
@@ -481,23 +379,16 @@ def _capacity_figure(c: CapacitySeries) -> Figure:
         status = f"settled at step {c.settled}"
     else:
         status = "not settled (changed at the last logged step)"
-    ax.set_title(f"Modules whose selection differs from the final\n{status}")
-    ax.set_ylabel("% of modules")
+    ax.set(title=f"Modules whose selection differs from the final\n{status}", ylabel="% of modules")
     ax.legend(fontsize=8, loc="best")
     for ax in axes:
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    fig.suptitle(
-        f"GSV search: where capacity went ({c.settings.estimator} estimator, "
-        f"top_k {c.settings.top_k})"
-    )
+    s = c.settings
+    fig.suptitle(f"GSV search: where capacity went ({s.estimator} estimator, top_k {s.top_k})")
     fig.tight_layout()
     return fig
-
-
-def _rank_text(v: float) -> str:
-    return f"{v:.1f}".removesuffix(".0")
 
 
 def _final_figure(
@@ -509,124 +400,81 @@ def _final_figure(
     fig, axes = plt.subplots(1, 2, figsize=(2 * width, height), dpi=DPI)
     fig.subplots_adjust(top=1 - 0.65 / height, wspace=0.3)  # room for the titles, no more
     short = [k.removesuffix("_proj") for k in kinds]  # q, k, v, o, gate, up, down
-    for ax, grid, title, cbar, fmt, ylabel in (
-        (axes[0], experts, "Selected experts", "experts", None, "decoder layer"),
-        (axes[1], mean_rank, "Mean selected rank", "rank", _rank_text, ""),
-    ):
-        _heatmap(
-            fig,
-            ax,
-            grid,
-            layers,
-            short,
-            title=title,
-            xlabel="projection",
-            ylabel=ylabel,
-            cbar_label=cbar,
-            annotate=True,
-            fmt=fmt,
-        )
+    _heatmap(axes[0], experts, layers, short, "experts")
+    axes[0].set(title="Selected experts", xlabel="projection", ylabel="decoder layer")
+    _heatmap(axes[1], mean_rank, layers, short, "rank", fmt=lambda v: f"{v:.1f}".removesuffix(".0"))
+    axes[1].set(title="Mean selected rank", xlabel="projection", ylabel="")
     fig.suptitle("Final allocation of the search")
     return fig
 
 
-def _loss_figure(losses: Sequence[Mapping], target: int | None) -> Figure:
-    keys = (("expected_params", "expected"), ("mode_params", "selected"))
-    sizes = any(e.get(k) is not None for e in losses for k, _ in keys)
-    if sizes:
-        fig, (ax, ax_p) = plt.subplots(
-            2, 1, figsize=(7, 6.5), dpi=DPI, sharex=True, gridspec_kw={"height_ratios": [3, 2]}
-        )
-    else:
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=DPI)
-
-    def series(key: str) -> tuple[list, list]:
+def _plot_logged(ax: Axes, losses: Sequence[Mapping], series: Sequence[tuple[str, ...]]) -> None:
+    """One line per (key, label, line style): the steps where the key was logged."""
+    for key, label, ls in series:
         pts = [(e["step"], e[key]) for e in losses if e.get(key) is not None and "step" in e]
-        return [x for x, _ in pts], [y for _, y in pts]
-
-    for key, label in (("train_loss", "train"), ("val_loss", "val")):
-        xs, ys = series(key)
-        if xs:
-            ax.plot(xs, ys, label=label, marker="." if len(xs) <= 50 else None)
-    ax.set_title("Search loss")
-    ax.set_ylabel("loss")
+        if pts:
+            ax.plot(
+                *zip(*pts, strict=True), ls=ls, label=label, marker="." if len(pts) <= 50 else None
+            )
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    if not sizes:
-        ax.set_xlabel("step")
-        return fig
 
-    for (key, label), ls in zip(keys, ("-", "--"), strict=True):
-        xs, ys = series(key)
-        if xs:
-            ax_p.plot(xs, ys, ls=ls, label=label, marker="." if len(xs) <= 50 else None)
+
+def _loss_figure(losses: Sequence[Mapping], target: int | None) -> Figure:
+    sizes = (("expected_params", "expected", "-"), ("mode_params", "selected", "--"))
+    if not any(e.get(k) is not None for e in losses for k, _, _ in sizes):
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=DPI)
+        ax.set_xlabel("step")
+        _loss_axes(ax, losses)
+        return fig
+    fig, (ax, ax_p) = plt.subplots(
+        2, 1, figsize=(7, 6.5), dpi=DPI, sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    )
+    _loss_axes(ax, losses)
+    _plot_logged(ax_p, losses, sizes)
     if target is not None:
         ax_p.axhline(target, color="black", ls=":", lw=1.2, label=f"target {target:,}")
     ax_p.set_title("Trainable parameters (expected / selected)", fontsize=10)
-    ax_p.set_xlabel("step")
-    ax_p.set_ylabel("parameters")
-    ax_p.grid(alpha=0.3)
+    ax_p.set(xlabel="step", ylabel="parameters")
     if ax_p.get_legend_handles_labels()[0]:
         ax_p.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
+def _loss_axes(ax: Axes, losses: Sequence[Mapping]) -> None:
+    _plot_logged(ax, losses, (("train_loss", "train", "-"), ("val_loss", "val", "-")))
+    ax.set(title="Search loss", ylabel="loss")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
 def gsv_trajectories(
     doc: dict, tensors: Mapping[str, torch.Tensor], out_dir: Path, *, where: object = "state"
 ) -> list[Path]:
-    """Write the figures of a search from its state (`read_state`'s ``(doc, tensors)``;
-    `where` names it in errors); returns the paths written.
-
-    ``search_capacity.png``: expected experts per module and expected rank per expert, one
-    line per projection kind (mean over layers), and the share of modules whose selected
-    allocation differs from the final one, with the step the selection settled at;
-    ``search_final.png``: the final selection (experts, mean rank), decoder layer x kind;
-    ``search_loss.png``: train and val loss per step, and the expected / selected trainable
-    parameters when logged (only when losses were logged).
-    Raises `ValueError` if the state has no GSV history.
-    """
+    """Write ``search_capacity.png`` (capacity per projection kind over the steps, and when the
+    selection settled), ``search_final.png`` (the final selection) and, with logged losses,
+    ``search_loss.png`` from a state; `ValueError` naming `where` without a GSV history."""
     series = capacity_series(doc, tensors, where=where)  # checks the history first
     final = final_grids(doc, tensors, where=where)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+    out = Path(out_dir)
     written = [
-        _save(_capacity_figure(series), out_dir / "search_capacity.png"),
-        _save(_final_figure(*final), out_dir / "search_final.png"),
+        _save(_capacity_figure(series), out / "search_capacity.png"),
+        _save(_final_figure(*final), out / "search_final.png"),
     ]
-    losses = doc.get("losses") or []
-    if losses:
-        written.append(
-            _save(_loss_figure(losses, doc.get("target_params")), out_dir / "search_loss.png")
-        )
+    if doc.get("losses"):
+        loss = _loss_figure(doc["losses"], doc.get("target_params"))
+        written.append(_save(loss, out / "search_loss.png"))
     return written
 
 
 def loss_curve(losses: Sequence[float], path: Path, *, title: str = "SFT loss") -> Path:
     """Training loss per optimizer step (``sft_loss.png``)."""
     fig, ax = plt.subplots(figsize=(7, 4), dpi=DPI)
-    steps = list(range(1, len(losses) + 1))
-    ax.plot(steps, list(losses), marker="." if len(losses) <= 50 else None)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.plot(range(1, len(losses) + 1), list(losses), marker="." if len(losses) <= 50 else None)
+    ax.set(title=title, xlabel="step", ylabel="loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, Path(path))
-
-
-def expert_load_grid(stats: dict[str, Sequence[float]]) -> tuple[list[str], np.ndarray]:
-    """Module labels (layer order) and a (modules, max experts) grid of routed-token shares;
-    cells past a module's expert count are NaN."""
-    lay = _Layout(list(stats))
-    width = max((len(v) for v in stats.values()), default=0)
-    grid = np.full((len(lay.ordered), width), np.nan)
-    for i, name in enumerate(lay.ordered):
-        grid[i, : len(stats[name])] = stats[name]
-    return [lay.module_label(n) for n in lay.ordered], grid
+    return _save(fig, path)
 
 
 def expert_load(stats: dict[str, Sequence[float]], path: Path) -> Path:
@@ -634,7 +482,6 @@ def expert_load(stats: dict[str, Sequence[float]], path: Path) -> Path:
     from `MoeAdapter.router_stats()`. A balanced module with E experts shows 1/E per cell."""
     if not stats:
         raise ValueError("no router statistics to plot (the adapter routed no tokens)")
-    labels, grid = expert_load_grid(stats)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    labels, grid = _module_rows(stats)
     title = "Expert load (share of routed tokens)"
-    return _per_expert(labels, grid, Path(path), title=title, unit="share", max_cols=16)
+    return _per_expert(labels, grid, path, title=title, unit="share", max_cols=16)

@@ -1,8 +1,5 @@
-"""Allocation extraction: GSVs (or the reference code's JSON files) -> a typed `Allocation`.
-
-The GSV -> allocation math lives in `guilomo.moe.search.extract_allocation`; this stage
-adds the inputs users bring, with errors that name the file and the fix.
-"""
+"""Allocate stage: a SearchState's GSVs (`guilomo.moe.search.extract_allocation`), a preset
+or the reference code's JSON files -> an Allocation, with errors that name file and fix."""
 
 from __future__ import annotations
 
@@ -24,7 +21,7 @@ from ..moe.search import allocation_parameters, extract_allocation, preset_param
 from ..textfiles import read_text
 from . import Context, Metrics
 
-_PREFIXES = ("base_model.model.",)  # PEFT-style wrapping in the reference's module names
+_PREFIX = "base_model.model."  # PEFT-style wrapping in the reference's module names
 _RANK_KEY = re.compile(r"^(?P<module>.+)\.expertlora_E_vector_(?P<j>\d+)$")
 
 
@@ -46,13 +43,6 @@ def _read_json_object(path: Path) -> dict:
     return doc
 
 
-def _strip(name: str) -> str:
-    for p in _PREFIXES:
-        if name.startswith(p):
-            return name[len(p) :]
-    return name
-
-
 def import_reference_json(
     expert_json: Path,
     rank_json: Path,
@@ -64,27 +54,24 @@ def import_reference_json(
     """Read the reference's `expert.json` (module -> experts) and `rank.json`
     (`<module>.expertlora_E_vector_<j>` -> rank) for a model whose adapted modules are
     `module_names`."""
-    experts = {_strip(k): v for k, v in _read_json_object(expert_json).items()}
+    experts = {k.removeprefix(_PREFIX): v for k, v in _read_json_object(expert_json).items()}
     ranks_raw = _read_json_object(rank_json)
     if len(experts) != len(module_names):
         raise AllocationInputError(
             f"{expert_json}: {len(experts)} modules, the model has {len(module_names)} adapted "
             "modules: the files are for another model or placement"
         )
-    unknown = sorted(set(experts) - set(module_names))
-    if unknown:
+    if unknown := sorted(set(experts) - set(module_names)):
         raise AllocationInputError(f"{expert_json}: modules not in the model: {unknown[:3]}")
     ranks: dict[tuple[str, int], int] = {}
     for key, value in ranks_raw.items():
-        m = _RANK_KEY.match(_strip(key))
-        if not m:
+        if not (m := _RANK_KEY.match(key.removeprefix(_PREFIX))):
             raise AllocationInputError(
                 f"{rank_json}: key {key!r} is not '<module>.expertlora_E_vector_<j>'"
             )
         ranks[(m["module"], int(m["j"]))] = value
     for name in module_names:
-        n = experts[name]
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n := experts[name], int) or n < 1:
             raise AllocationInputError(
                 f"{expert_json}: {name}: expert count must be an integer >= 1, got {n!r}"
             )
@@ -94,16 +81,13 @@ def import_reference_json(
         raise AllocationInputError(f"{expert_json}: {exc}") from None
     modules = {}
     for name in module_names:
-        n = experts[name]
-        rs = []
-        for j in range(n):
-            if (name, j) not in ranks:
-                raise AllocationInputError(
-                    f"{rank_json}: no rank for {name}.expertlora_E_vector_{j}"
-                )
-            rs.append(ranks[(name, j)])
+        if missing := [j for j in range(experts[name]) if (name, j) not in ranks]:
+            raise AllocationInputError(
+                f"{rank_json}: no rank for {name}.expertlora_E_vector_{missing[0]}"
+            )
+        rs = [ranks[(name, j)] for j in range(experts[name])]
         try:
-            modules[name] = ModuleAllocation(experts=n, top_k=top_k, ranks=rs)
+            modules[name] = ModuleAllocation(experts=experts[name], top_k=top_k, ranks=rs)
         except ValueError as exc:
             raise AllocationInputError(f"{rank_json}: {name}: {exc}") from None
     return Allocation(base_model=base_model, modules=modules)
@@ -115,21 +99,17 @@ def allocation_from_state(
     budget: int | None = None,
     module_shapes: dict[str, tuple[int, int]] | None = None,
 ) -> tuple[Allocation, int]:
-    """The allocation a search state selects and its trainable-parameter count.
-
-    With `module_shapes` (the target model's adapted modules), a state searched on another
-    model is refused.
-    """
+    """The allocation a search state selects and its trainable-parameter count; with
+    `module_shapes` (the target model's adapted modules), one searched on another is refused."""
     from ..artifacts.search_state import check_state_fits, gsvs, read_state
 
     doc, tensors = read_state(Path(state_dir))
     shapes = {n: tuple(s) for n, s in doc["shapes"].items()}
     if module_shapes is not None:
         check_state_fits(doc, Path(state_dir), base_model=None, shapes=module_shapes)
-    state_gsvs = gsvs(doc, tensors)
     try:
         alloc = extract_allocation(
-            state_gsvs,
+            gsvs(doc, tensors),
             base_model=doc["base_model"],
             top_k=doc["config"]["top_k"],
             shapes=shapes,
@@ -153,13 +133,9 @@ def model_modules(base_model: str) -> tuple[list[str], dict[str, tuple[int, int]
     cfg = AutoConfig.from_pretrained(resolve_model(base_model))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    names = [n for n, _ in model.named_modules()]
-    shapes = {
-        n: (m.in_features, m.out_features)
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear)
-    }
-    return names, shapes
+    modules = dict(model.named_modules())
+    linear = {n: m for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
+    return list(modules), {n: (m.in_features, m.out_features) for n, m in linear.items()}
 
 
 def _from_state(config: AllocateConfig, search: Path) -> tuple[Allocation, dict]:
@@ -170,8 +146,7 @@ def _from_state(config: AllocateConfig, search: Path) -> tuple[Allocation, dict]
 
     read_artifact(search, kind=SEARCH_STATE)
     doc, _ = read_state(search)
-    problem = config.contradicts({"placement": "all"} | doc["config"])
-    if problem:
+    if problem := config.contradicts({"placement": "all"} | doc["config"]):
         raise AllocationInputError(problem.replace("search.", "the search's "))
     shapes = {n: tuple(s) for n, s in doc["shapes"].items()}
     budget = config.budget
@@ -225,8 +200,7 @@ def run_allocate(
     `parents`: the inputs' URIs for the manifest (default: the local paths given)."""
     from ..plots import allocation_heatmaps
 
-    chosen = [s for s in (search, config.preset, reference) if s is not None]
-    if len(chosen) != 1:
+    if sum(s is not None for s in (search, config.preset, reference)) != 1:
         raise AllocationInputError(
             "give exactly one of --search, --preset or --reference-expert/--reference-rank"
         )
@@ -251,9 +225,8 @@ def run_allocate(
 
 
 def run(config: AllocateConfig, inputs: dict, out: Path, context: Context) -> Metrics:
-    reference = None
-    if config.reference_expert is not None:
-        reference = (Path(config.reference_expert), Path(config.reference_rank))
+    ref = config.reference_expert is not None
+    reference = (Path(config.reference_expert), Path(config.reference_rank)) if ref else None
     alloc, params = run_allocate(
         config,
         out,

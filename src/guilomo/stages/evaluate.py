@@ -1,26 +1,13 @@
-"""Evaluate stage: accuracy of the base model, or base + Adapter, on a PreparedDataset split,
-in the formulation the dataset was prepared in (and the adapter trained in).
-
-- ``rc`` and ``mc``: each option's continuation is scored by its summed log-likelihood
-  after its context (`guilomo.scoring`, tokenised as lm-evaluation-harness does). ``acc``
-  picks the largest sum, ``acc_norm`` the largest sum per character of the option text
-  (the harness's definition).
-- ``generate``: batched greedy decoding after the prompt; the answer letter is read by
-  ScienceQA's strict rule (exactly one ``The answer is X``) and compared with the gold
-  letter. A lenient reading ("The answer is (B)", "B)", a lone "B") is counted beside it
-  for the report, never in the accuracy.
-
-Every accuracy comes with its N and 95% Wilson interval, the distribution of predicted
-answers and the majority-answer baseline of the same questions. The result is an
-``EvalReport`` artifact with ``report.json``::
-
-    report = run_evaluate(EvalConfig(), dataset=data, out=out, adapter=adapter)
-    report["accuracy"], report["ci95"], report["majority_baseline"]["accuracy"]
-"""
+"""Evaluate stage: accuracy of the base model, or base + Adapter, on a PreparedDataset split
+in its formulation: ``rc`` / ``mc`` score each option's log-likelihood (``acc``: the largest
+sum, ``acc_norm``: per character, as the harness), ``generate`` decodes greedily and reads the
+letter by ScienceQA's strict rule (a lenient reading is reported beside it, never counted).
+Every accuracy comes with its N, 95% Wilson interval and the majority-answer baseline."""
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,17 +21,8 @@ from ..artifacts.prepared import dataset_info, read_split
 from ..config import EvalConfig
 from ..data.formulations import LETTERS, Formulation, scored_pairs
 from ..evalstats import summarise, wilson_interval
-from ..scoring import encode, encode_pair, loglikelihoods, model_device, pad_id
+from ..scoring import encode, encode_pair, loglikelihoods, model_device, pad_batch, pad_id
 from . import Context, Metrics
-
-__all__ = [
-    "ANSWER_PATTERN",
-    "EvalConfig",
-    "evaluate",
-    "extract_answer",
-    "lenient_answer",
-    "run_evaluate",
-]
 
 # ScienceQA's rule (and MoLA's): case-sensitive, no word boundary after the letter.
 ANSWER_PATTERN = re.compile(r"The answer is ([A-Z])")
@@ -61,14 +39,9 @@ _LENIENT = (
 
 
 def extract_answer(text: str) -> str | None:
-    """The answer letter of a generated response, by ScienceQA's rule; None if there is none.
-
-    All matches of ``The answer is ([A-Z])`` are found; exactly one match gives its letter,
-    zero or several give None (scored wrong), even when the several agree. The rule is the
-    reference's regex taken literally: case-sensitive ("the answer is A" has no match), the
-    letter must follow "is " directly ("The answer is (A)" has no match), and nothing is
-    required after the letter ("The answer is AB" and "The answer is Apple" both give "A").
-    """
+    """The answer letter of a response by ScienceQA's rule, taken literally: exactly one match
+    of `ANSWER_PATTERN` gives its letter; none or several (even agreeing) give None. So "the
+    answer is A" and "The answer is (A)" have none, "The answer is Apple" gives "A"."""
     found = ANSWER_PATTERN.findall(text)
     return found[0] if len(found) == 1 else None
 
@@ -79,10 +52,8 @@ def lenient_answer(text: str) -> str | None:
     pattern or more than one distinct letter matches."""
     for pattern in _LENIENT:
         found = {"".join(m) if isinstance(m, tuple) else m for m in pattern.findall(text)}
-        if len(found) == 1:
-            return found.pop()
         if found:
-            return None
+            return found.pop() if len(found) == 1 else None
     return None
 
 
@@ -90,41 +61,10 @@ def lenient_answer(text: str) -> str | None:
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
     gen = getattr(model, "generation_config", None)
-    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and int(v) not in ids:
-                ids.append(int(v))
-    return ids
-
-
-def generation_kwargs(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    max_new_tokens: int,
-) -> dict[str, Any]:
-    """The arguments of ``model.generate`` for greedy decoding, independent of the model's
-    own generation defaults (no sampling, beams or repetition penalty leak in)."""
-    from transformers import GenerationConfig
-
-    eos = _eos_ids(model, tokenizer)
-    return {
-        "generation_config": GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=pad_id(tokenizer),
-            eos_token_id=eos or None,
-        )
-    }
-
-
-def _left_pad(seqs: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = [[pad] * (width - len(s)) + s for s in seqs]
-    mask = [[0] * (width - len(s)) + [1] * len(s) for s in seqs]
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+    values = (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id)
+    flat = [v for x in values for v in (x if isinstance(x, (list, tuple)) else [x])]
+    return list(dict.fromkeys(int(v) for v in flat if v is not None))
 
 
 def _generate(
@@ -136,27 +76,36 @@ def _generate(
     progress: bool,
 ) -> list[str]:
     """The response text of every record (greedy, batched with left padding)."""
+    from transformers import GenerationConfig
+
     prompts = [encode(tokenizer, r["prompt"]) for r in records]
-    pad = pad_id(tokenizer)
-    eos = set(_eos_ids(model, tokenizer))
-    kwargs = generation_kwargs(model, tokenizer, config.max_new_tokens)
+    pad, eos = pad_id(tokenizer), _eos_ids(model, tokenizer)
+    # Greedy whatever the model's own generation defaults (no sampling, beams or penalties).
+    greedy = GenerationConfig(
+        max_new_tokens=config.max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        eos_token_id=eos or None,
+    )
     device = model_device(model)
     # Longest first: similar lengths share a batch (less padding), and memory peaks early.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     responses = [""] * len(prompts)
-    for batch in tqdm(batches, desc="evaluate", disable=not progress):
-        ids, mask = _left_pad([prompts[i] for i in batch], pad)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+    starts = range(0, len(order), config.batch_size)
+    for start in tqdm(starts, desc="evaluate", disable=not progress):
+        batch = order[start : start + config.batch_size]
+        ids, mask = pad_batch([prompts[i] for i in batch], pad)
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=greedy
+        )
         for row, i in enumerate(batch):
             new = out[row, ids.shape[1] :].tolist()
             stop = next((k for k, t in enumerate(new) if t in eos), len(new))
             text = tokenizer.decode(new[:stop], skip_special_tokens=True)
             # As the reference's split on the response marker: text before any marker the
             # model generates itself.
-            if response_split:
-                text = text.split(response_split)[0]
-            responses[i] = text.strip()
+            responses[i] = (text.split(response_split)[0] if response_split else text).strip()
     return responses
 
 
@@ -173,28 +122,17 @@ def _evaluate_generate(
     for i, (r, response) in enumerate(zip(records, responses, strict=True)):
         pred = extract_answer(response)
         lenient = lenient_answer(response) if pred is None else pred
-        predictions.append(
-            {
-                "id": _record_id(r, i),
-                "answer": r["answer"],
-                "prediction": pred,
-                "correct": pred is not None and pred == r["answer"],
-                "lenient": lenient,
-                "response": response,
-            }
-        )
-    report = _summary(records, predictions)
+        predictions.append(_prediction(r, i, pred) | {"lenient": lenient, "response": response})
     rejected = [p for p in predictions if p["prediction"] is None]
-    report["failures"] = len(rejected)
     readable = [p for p in rejected if p["lenient"] is not None]
-    report["lenient"] = {
+    lenient = {
         "rejected_but_readable": len(readable),
         "of_which_correct": sum(p["lenient"] == p["answer"] for p in readable),
         "note": "answers the strict rule rejected that a lenient reading takes (e.g. "
         "'The answer is (B)'); not counted in the accuracy",
     }
-    report["predictions"] = predictions
-    return report
+    summary = _summary(records, predictions)
+    return summary | {"failures": len(rejected), "lenient": lenient, "predictions": predictions}
 
 
 # ----------------------------------------------------------------------------- log-lik
@@ -205,6 +143,7 @@ def _evaluate_loglik(
     tokenizer: Any,
     records: Sequence[Mapping[str, Any]],
     config: EvalConfig,
+    response_split: str | None,  # generations only
     progress: bool,
 ) -> dict[str, Any]:
     pairs, owner = [], []
@@ -225,31 +164,20 @@ def _evaluate_loglik(
     for i, (r, lls) in enumerate(zip(records, per_record, strict=True)):
         # per character of the option text, not of the delimiter (the harness's acc_norm)
         norm = [ll / len(text) for ll, text in zip(lls, r["choices"], strict=True)]
-        pred, pred_norm = _argmax(lls), _argmax(norm)
+        pred_norm = LETTERS[_argmax(norm)]
         predictions.append(
-            {
-                "id": _record_id(r, i),
-                "answer": r["answer"],
-                "prediction": LETTERS[pred],
-                "correct": LETTERS[pred] == r["answer"],
-                "prediction_norm": LETTERS[pred_norm],
-                "correct_norm": LETTERS[pred_norm] == r["answer"],
-                "scores": lls,
-                "scores_norm": norm,
-            }
+            _prediction(r, i, LETTERS[_argmax(lls)])
+            | {"prediction_norm": pred_norm, "correct_norm": pred_norm == r["answer"]}
+            | {"scores": lls, "scores_norm": norm}
         )
-    report = _summary(records, predictions)
-    norm = summarise(
-        [p["correct_norm"] for p in predictions],
-        [p["prediction_norm"] for p in predictions],
-        [p["answer"] for p in predictions],
-    )
-    report["acc_norm"] = norm["accuracy"]
-    report["correct_norm"] = norm["correct"]
-    report["acc_norm_ci95"] = norm["ci95"]
-    report["predicted_norm"] = norm["predicted"]
-    report["predictions"] = predictions
-    return report
+    norm = summarise(*_columns(predictions, "_norm"))
+    return _summary(records, predictions) | {
+        "acc_norm": norm["accuracy"],
+        "correct_norm": norm["correct"],
+        "acc_norm_ci95": norm["ci95"],
+        "predicted_norm": norm["predicted"],
+        "predictions": predictions,
+    }
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -264,6 +192,12 @@ def _record_id(record: Mapping[str, Any], index: int) -> str:
     return str(record.get("id", f"#{index}"))
 
 
+def _prediction(record: Mapping[str, Any], index: int, pred: str | None) -> dict[str, Any]:
+    """The fields every prediction has (an answer is never None: no answer is wrong)."""
+    rid, answer = _record_id(record, index), record["answer"]
+    return {"id": rid, "answer": answer, "prediction": pred, "correct": pred == answer}
+
+
 def _check_records(records: Sequence[Mapping[str, Any]], formulation: Formulation) -> None:
     if not records:
         raise ValueError("no records to evaluate (the split is empty or limit is 0)")
@@ -276,39 +210,41 @@ def _check_records(records: Sequence[Mapping[str, Any]], formulation: Formulatio
             )
         if "prompt" not in r:
             raise ValueError(f"record {rid}: no 'prompt'; rerun preprocess to formulate it")
-        if formulation != "generate":
-            if not r.get("choices"):
-                raise ValueError(f"record {rid}: no 'choices' to score ({formulation})")
-            letters = LETTERS[: len(r["choices"])]
-            if r["answer"] not in letters:
-                raise ValueError(
-                    f"record {rid}: answer {r['answer']!r} is not one of its options "
-                    f"{list(letters)}"
-                )
+        if formulation == "generate":
+            continue
+        if not r.get("choices"):
+            raise ValueError(f"record {rid}: no 'choices' to score ({formulation})")
+        letters = LETTERS[: len(r["choices"])]
+        if r["answer"] not in letters:
+            raise ValueError(
+                f"record {rid}: answer {r['answer']!r} is not one of its options {list(letters)}"
+            )
 
 
 def _breakdown(
     records: Sequence[Mapping[str, Any]], correct: Sequence[bool], key: str
 ) -> dict[str, dict[str, Any]]:
     """Accuracy per value of `key` (subject, source), with intervals."""
-    tally: dict[str, list[int]] = {}
-    for r, ok in zip(records, correct, strict=True):
-        t = tally.setdefault(str(r.get(key) or "(none)"), [0, 0])
-        t[0] += int(ok)
-        t[1] += 1
-    return {
-        s: {"accuracy": c / n, "correct": c, "total": n, "ci95": list(wilson_interval(c, n))}
-        for s, (c, n) in sorted(tally.items())
-    }
+    groups = [str(r.get(key) or "(none)") for r in records]
+    right = Counter(g for g, ok in zip(groups, correct, strict=True) if ok)
+    out = {}
+    for s, n in sorted(Counter(groups).items()):
+        c = right[s]
+        out[s] = {"accuracy": c / n, "correct": c, "total": n, "ci95": list(wilson_interval(c, n))}
+    return out
+
+
+def _columns(predictions: Sequence[Mapping[str, Any]], suffix: str = "") -> tuple[list, ...]:
+    """(correct, prediction, answer) per prediction, of the metric named by `suffix`."""
+    keys = (f"correct{suffix}", f"prediction{suffix}", "answer")
+    return tuple([p[k] for p in predictions] for k in keys)
 
 
 def _summary(
     records: Sequence[Mapping[str, Any]], predictions: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    correct = [p["correct"] for p in predictions]
-    report = summarise(
-        correct, [p["prediction"] for p in predictions], [p["answer"] for p in predictions]
-    )
+    correct, *rest = _columns(predictions)
+    report = summarise(correct, *rest)
     if any(r.get("subject") for r in records):
         report["per_subject"] = _breakdown(records, correct, "subject")
     if len({r.get("source") for r in records}) > 1:
@@ -326,20 +262,9 @@ def evaluate(
     response_split: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate `model` on formulated `records` (``config.limit`` is applied here).
-
-    Returns:
-        ``{"formulation", "accuracy", "correct", "total", "ci95", "predicted", "gold",
-        "majority_baseline", "per_subject" / "per_source" (when there are several),
-        "predictions": [{"id", "answer", "prediction", "correct", ...}]}``. rc / mc add
-        ``acc_norm``, ``acc_norm_ci95``, ``predicted_norm`` and per prediction the options'
-        ``scores`` (summed log-likelihoods), ``scores_norm``, ``prediction_norm``; generate
-        adds ``failures`` (no answer by the strict rule), ``lenient`` and each ``response``.
-
-    Raises:
-        ValueError: no records, a record without an answer, prompt or choices, or an answer
-            outside its options; the message names the record's id.
-    """
+    """The report of `model` on formulated `records` (the first ``config.limit``): `summarise`'s
+    fields, ``per_subject`` / ``per_source``, ``predictions``, and acc_norm's (rc, mc) or the
+    failures and lenient reading (generate); `ValueError` names a malformed record."""
     if config.limit is not None:
         records = records[: config.limit]
     _check_records(records, formulation)
@@ -347,12 +272,8 @@ def evaluate(
     model.eval()
     try:
         with torch.no_grad():
-            if formulation == "generate":
-                report = _evaluate_generate(
-                    model, tokenizer, records, config, response_split, progress
-                )
-            else:
-                report = _evaluate_loglik(model, tokenizer, records, config, progress)
+            score = _evaluate_generate if formulation == "generate" else _evaluate_loglik
+            report = score(model, tokenizer, records, config, response_split, progress)
     finally:
         model.train(was_training)
     return {"formulation": formulation, "split": config.split, **report}
@@ -372,18 +293,8 @@ def run_evaluate(
     parents: Sequence[str] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate the base model (or base + `adapter`) on a split; write an EvalReport at `out`.
-
-    The formulation is the dataset's. The base model is ``load_model(config.base_model)``
-    unless `model` and `tokenizer` are given. An `adapter` must be a verified Adapter
-    artifact; it is injected into the model in place (a passed-in `model` keeps it). Returns
-    the report (also ``report.json``).
-
-    Raises:
-        ArtifactError: `dataset` or `adapter` is not a verified artifact of its kind, or the
-            split is empty.
-        ValueError: see :func:`evaluate`.
-    """
+    """Evaluate ``config.base_model`` (or `model`), plus `adapter` injected in place if given,
+    on a split of `dataset`; write an EvalReport at `out` and return the report."""
     info = dataset_info(Path(dataset))
     records = read_split(Path(dataset), config.split)
     if adapter is not None:
@@ -400,15 +311,9 @@ def run_evaluate(
 
         moe = load_adapter(model, Path(adapter))
         moe.reset_router_stats()
-    report = evaluate(
-        model,
-        tokenizer,
-        records,
-        config,
-        formulation=info["formulation"],
-        response_split=info.get("response_split"),
-        progress=progress,
-    )
+    split = info.get("response_split")
+    kw = {"formulation": info["formulation"], "response_split": split, "progress": progress}
+    report = evaluate(model, tokenizer, records, config, **kw)
     if moe is not None:  # per module, the share of routed tokens each expert received
         report["expert_load"] = moe.router_stats()
 
@@ -418,34 +323,24 @@ def run_evaluate(
 
             expert_load(report["expert_load"], folder / "plots" / "expert_load.png")
 
-    meta = _metadata(report, adapter is not None, base)
+    # the report's summary for the manifest (and the base model's identity, if loaded)
+    meta = {key: report[key] for key in ("formulation", "accuracy", "ci95", "total")}
+    meta["majority_baseline"] = report["majority_baseline"]["accuracy"]
+    meta["adapter"] = adapter is not None
+    if base:
+        meta["base_model"] = base
+    meta |= {key: report[key] for key in ("acc_norm", "failures") if key in report}
     write_report(out, report, metadata=meta, config=config, parents=parents, extra=plots)
     return report
-
-
-def _metadata(report: Mapping[str, Any], adapted: bool, base: dict | None) -> dict[str, Any]:
-    """The report's summary for the manifest (and the base model's identity, if loaded)."""
-    meta = {
-        "formulation": report["formulation"],
-        "accuracy": report["accuracy"],
-        "ci95": report["ci95"],
-        "total": report["total"],
-        "majority_baseline": report["majority_baseline"]["accuracy"],
-        "adapter": adapted,
-    } | ({"base_model": base} if base else {})
-    return meta | {key: report[key] for key in ("acc_norm", "failures") if key in report}
 
 
 def report_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a report worth a metric: accuracy and its interval, N, the majority
     baseline, and acc_norm (rc, mc) or the failures and lenient count (generate)."""
-    metrics = {
-        "accuracy": report["accuracy"],
-        "accuracy_ci95_low": report["ci95"][0],
-        "accuracy_ci95_high": report["ci95"][1],
-        "total": report["total"],
-        "majority_baseline": report["majority_baseline"]["accuracy"],
-    }
+    lo, hi = report["ci95"]
+    metrics = {"accuracy": report["accuracy"], "accuracy_ci95_low": lo, "accuracy_ci95_high": hi}
+    metrics["total"] = report["total"]
+    metrics["majority_baseline"] = report["majority_baseline"]["accuracy"]
     if "acc_norm" in report:
         metrics["acc_norm"] = report["acc_norm"]
         metrics["acc_norm_ci95_low"], metrics["acc_norm_ci95_high"] = report["acc_norm_ci95"]

