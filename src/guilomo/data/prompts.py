@@ -112,6 +112,10 @@ def length_grouped_batches(
 ) -> list[list[int]]:
     """Batches of indices of similar length (less padding), seeded.
 
+    (Hand-written: transformers' LengthGroupedSampler samples one process's indices as it
+    goes; SFT and the search need the whole seeded batch list up front, the same on every
+    rank, so a resumed run replays it.)
+
     Indices are shuffled, cut into mega-batches of `group * batch_size`, sorted by length
     inside each, cut into batches; the batch order is shuffled again.
     """
@@ -128,7 +132,9 @@ def length_grouped_batches(
 
 
 def collate(examples: Sequence[Mapping[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: pad id, attention 0, label -100."""
+    """Right-pad to the longest example: pad id, attention 0, label -100. (Hand-written:
+    DataCollatorForSeq2Seq pads the same way through `tokenizer.pad`, which needs the
+    tokenizer at every batch and warns on fast tokenizers; this needs only the pad id.)"""
     width = max(len(e["input_ids"]) for e in examples)
     out = {"input_ids": [], "attention_mask": [], "labels": []}
     for e in examples:
