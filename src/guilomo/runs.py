@@ -204,7 +204,8 @@ def run_local(
             pipeline(**cfg.pipeline_arguments(parent))
         ok = True
     except RuntimeError as exc:  # a task failed (kfp.local's raise_on_error); see the log
-        tail = log_path.read_text(errors="replace").splitlines()[-40:]
+        log = log_path.read_text(errors="replace") if log_path.is_file() else "(no log)"
+        tail = log.splitlines()[-40:]
         raise PipelineFailed(
             f"{exc}\nthe whole log: {log_path}\n--- its last lines ---\n" + "\n".join(tail)
         ) from None
