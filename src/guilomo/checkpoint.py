@@ -1,8 +1,8 @@
 """The checkpointer of SFT and the search: safetensors + JSON, no pickles, one folder.
 
 `save_checkpoint(folder, documents=..., tensors=...)` writes the JSON documents and the
-safetensors files into a temporary sibling folder and swaps it in whole, so an interrupted save leaves the
-previous checkpoint. `optimizer_state(prefix, opt)` splits an optimiser's state dict into
+safetensors files into a temporary sibling folder and swaps it in whole, so an interrupted
+save leaves the previous checkpoint. `optimizer_state(prefix, opt)` splits an optimiser's state dict into
 tensors and plain JSON (param groups and the key layout); `load_optimizer_state` puts them
 back. Both also work on a plain state dict in the optimiser's own layout (parameters
 numbered in order), so a state gathered from FSDP shards is written and read in the same

@@ -68,6 +68,7 @@ _AUTH_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
     | {"InvalidToken", "TokenRefreshRequired", "AuthorizationHeaderMalformed", "403"}
 )
+_RETRIED_STATUS = frozenset({429, 500, 502, 503, 504})
 T = TypeVar("T")
 ProgressFn = Callable[[str], None]
 
@@ -672,7 +673,8 @@ class S3Store(Store):
         """Say so when a request failed and botocore's retry mode may try it again."""
         response = kw.get("response")
         status = response[1].get("ResponseMetadata", {}).get("HTTPStatusCode", 0) if response else 0
-        if attempts < self.settings.attempts and (caught_exception is not None or status >= 500):
+        transient = status in _RETRIED_STATUS  # what botocore's standard mode retries
+        if attempts < self.settings.attempts and (caught_exception is not None or transient):
             why = f"{type(caught_exception).__name__}: {caught_exception}"
             log.warning(
                 "S3 %s: attempt %d/%d failed (%s); retrying",

@@ -16,8 +16,6 @@ from tqdm import tqdm
 
 from .distributed import barrier, step_seed, world
 
-StepHook = Callable[[int, dict[str, float]], None]
-
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     """LR factor: linear warm-up over `warmup` steps, then linear decay to 0 at `total`.
@@ -55,7 +53,7 @@ def run_steps(
     desc: str,
     shown: Sequence[str] = ("loss",),
     progress: bool = True,
-    on_step: StepHook | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,  # stages.StepHook
     save: Callable[[], None] | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[], None] | None = None,
@@ -63,8 +61,8 @@ def run_steps(
     """Steps `start` .. `end` - 1 of `step(i) -> metrics`, each after reseeding the RNG.
 
     A progress bar (rank 0, `progress`) shows the metrics named in `shown`; `on_step(i + 1,
-    metrics)` follows each step on rank 0; with `save`, a checkpoint follows every
-    `checkpoint_every` steps and the last one (see `save_point`).
+    metrics)` follows each step on rank 0; with `save`, a checkpoint follows the last step
+    and every `checkpoint_every`-th (0: the last only; see `save_point`).
     """
     rank = world()[0]
     bar = tqdm(range(start, end), desc=desc, disable=not progress or rank != 0, mininterval=0.5)
@@ -74,5 +72,6 @@ def run_steps(
         bar.set_postfix({k: _short(metrics[k]) for k in shown if k in metrics})
         if on_step is not None and rank == 0:
             on_step(i + 1, metrics)
-        if save is not None and ((i + 1) % checkpoint_every == 0 or i + 1 == end):
+        due = i + 1 == end or (checkpoint_every > 0 and (i + 1) % checkpoint_every == 0)
+        if save is not None and due:
             save_point(save, on_checkpoint)

@@ -17,6 +17,8 @@ import torch
 from pydantic import BaseModel
 from safetensors.torch import load_file
 
+from ..checkpoint import save_checkpoint
+
 KIND = "SearchState"  # the manifest kind
 STATE_JSON = "search_state.json"
 STATE_TENSORS = "search_state.safetensors"
@@ -39,8 +41,6 @@ def gsvs(doc: Mapping, tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
 
 def write_state(out_dir: Path, doc: Mapping, tensors: Mapping[str, torch.Tensor]) -> None:
     """Make `out_dir` a search state folder (swapped in whole: see `save_checkpoint`)."""
-    from ..checkpoint import save_checkpoint
-
     documents = {STATE_JSON: {"kind": DOC_KIND, **doc}}
     save_checkpoint(Path(out_dir), documents=documents, tensors={STATE_TENSORS: tensors})
 
