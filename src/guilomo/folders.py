@@ -11,10 +11,8 @@ from pathlib import Path
 def replace_folder(src: Path, dest: Path) -> None:
     """Rename the folder `src` to `dest`; an existing `dest` is moved aside first and then
     deleted, so `dest` is always either the old folder or the new one, whole."""
+    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
     if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(dest, old)
-        os.replace(src, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dest)
+    os.replace(src, dest)
+    shutil.rmtree(old, ignore_errors=True)

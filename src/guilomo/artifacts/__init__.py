@@ -19,10 +19,10 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -89,91 +89,63 @@ def config_hash(config: BaseModel | Mapping[str, Any] | None) -> str:
 
 def code_version() -> str:
     """guilomo's version, plus the git commit when running from a checkout."""
-    env = os.environ.get("GUILOMO_CODE_VERSION")
-    if env:
+    if env := os.environ.get("GUILOMO_CODE_VERSION"):
         return env
+    git = ["git", "rev-parse", "--short=12", "HEAD"]
+    here = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
+        done = subprocess.run(git, cwd=here, capture_output=True, text=True, timeout=5, check=True)
     except (OSError, subprocess.SubprocessError):
         return __version__
+    sha = done.stdout.strip()
     return f"{__version__}+g{sha}" if sha else __version__
 
 
-def _payload_files(root: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            out[p.relative_to(root).as_posix()] = sha256_file(p)
-    return out
-
-
-class ArtifactWriter:
+@contextmanager
+def ArtifactWriter(
+    dest: str | os.PathLike,
+    *,
+    kind: ArtifactKind,
+    stage: str,
+    config: BaseModel | Mapping[str, Any] | None = None,
+    parents: Sequence[str] = (),
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Iterator[Path]:
     """Context manager: yields a temporary folder; on success checksums it, writes the
     manifest last and renames the folder to `dest`. On error the temporary folder is removed
     and `dest` is left as it was."""
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise ArtifactError(
+            f"{dest}: already exists; choose a new output location or pass overwrite"
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        manifest = Manifest(
+            kind=kind,
+            files={rel: sha256_file(tmp / rel) for rel in _payload(tmp)},
+            stage=stage,
+            config_hash=config_hash(config),
+            parents=list(parents),
+            code_version=code_version(),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            metadata=dict(metadata or {}),
+        )
+        text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True)
+        (tmp / MANIFEST).write_text(text + "\n")
+        replace_folder(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    def __init__(
-        self,
-        dest: str | os.PathLike,
-        *,
-        kind: ArtifactKind,
-        stage: str,
-        config: BaseModel | Mapping[str, Any] | None = None,
-        parents: Sequence[str] = (),
-        metadata: Mapping[str, Any] | None = None,
-        overwrite: bool = False,
-    ) -> None:
-        self.dest = Path(dest)
-        self.kind, self.stage = kind, stage
-        self.config, self.parents = config, list(parents)
-        self.metadata = dict(metadata or {})
-        self.overwrite = overwrite
-        self.tmp = self.dest.parent / f".{self.dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.manifest: Manifest | None = None
 
-    def __enter__(self) -> Path:
-        if self.dest.exists() and not self.overwrite:
-            raise ArtifactError(
-                f"{self.dest}: already exists; choose a new output location or pass overwrite"
-            )
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        try:
-            self.manifest = Manifest(
-                kind=self.kind,
-                files=_payload_files(self.tmp),
-                stage=self.stage,
-                config_hash=config_hash(self.config),
-                parents=self.parents,
-                code_version=code_version(),
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                metadata=self.metadata,
-            )
-            (self.tmp / MANIFEST).write_text(
-                json.dumps(self.manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
-            )
-            replace_folder(self.tmp, self.dest)
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
+def _payload(root: Path) -> list[str]:
+    """The relative names of the files under `root`, less the manifest."""
+    names = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return sorted(name for name in names if name != MANIFEST)
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
@@ -201,7 +173,7 @@ def read_artifact(path: str | os.PathLike, kind: ArtifactKind | None = None) -> 
     manifest = read_manifest(root)
     if kind is not None and manifest.kind != kind:
         raise ArtifactError(f"{root}: holds a {manifest.kind} artifact, expected {kind}")
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+    present = set(_payload(root))
     missing = sorted(set(manifest.files) - present)
     extra = sorted(present - set(manifest.files))
     if missing or extra:

@@ -30,12 +30,7 @@ def write_adapter(
     """Publish at `out` (replacing an earlier adapter there) what `save(folder)` writes,
     with the loss log."""
     with ArtifactWriter(
-        out,
-        kind=KIND,
-        stage="sft",
-        config=config,
-        parents=parents,
-        metadata=dict(metadata),
+        out, kind=KIND, stage="sft", config=config, parents=parents, metadata=metadata,
         overwrite=True,
     ) as tmp:
         save(tmp)

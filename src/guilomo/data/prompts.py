@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..textfiles import read_text
+
 IGNORE = -100
 
 
@@ -39,41 +41,27 @@ class Template:
 
 def load_template(name_or_path: str) -> Template:
     """A shipped template by name (`alpaca`) or a JSON file by path."""
-    path = Path(name_or_path)
+    path, shipped = Path(name_or_path), resources.files("guilomo.data") / "templates"
     if path.suffix == ".json" or path.exists():
-        source, text = str(path), _read(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: template file not found")
+        source, text = str(path), read_text(path)
+    elif (shipped / f"{name_or_path}.json").is_file():
+        source, text = name_or_path, (shipped / f"{name_or_path}.json").read_text()
     else:
-        ref = resources.files("guilomo.data") / "templates" / f"{name_or_path}.json"
-        if not ref.is_file():
-            shipped = sorted(
-                p.name[:-5] for p in (resources.files("guilomo.data") / "templates").iterdir()
-            )
-            raise ValueError(
-                f"unknown template {name_or_path!r}: use one of {shipped} or a JSON file path"
-            )
-        source, text = name_or_path, ref.read_text()
+        names = sorted(p.name.removesuffix(".json") for p in shipped.iterdir())
+        raise ValueError(
+            f"unknown template {name_or_path!r}: use one of {names} or a JSON file path"
+        )
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{source}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    missing = [k for k in ("prompt_input", "prompt_no_input", "response_split") if k not in doc]
+    keys = ("prompt_input", "prompt_no_input", "response_split")
+    missing = [k for k in keys if k not in doc]
     if missing:
         raise ValueError(f"{source}: template lacks {missing}")
-    return Template(
-        path.stem if path.suffix else name_or_path,
-        doc["prompt_input"],
-        doc["prompt_no_input"],
-        doc["response_split"],
-    )
-
-
-def _read(path: Path) -> str:
-    from ..textfiles import read_text
-
-    try:
-        return read_text(path)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: template file not found") from None
+    return Template(path.stem if path.suffix else name_or_path, *(doc[k] for k in keys))
 
 
 def tokenize_example(
@@ -84,25 +72,18 @@ def tokenize_example(
     train_on_inputs: bool = True,
     add_eos: bool = True,
 ) -> dict[str, list[int]]:
-    """input_ids / attention_mask / labels for the record's prompt + output, truncated to
-    `cutoff` (the PreparedDataset holds both in the dataset's formulation).
-
-    EOS is appended when the text fits. With train_on_inputs off, the prompt's tokens get
-    label -100 so only the response is learned.
-    """
+    """input_ids / attention_mask / labels of the record's prompt + output, truncated to
+    `cutoff`; EOS is appended when the text fits. With train_on_inputs off, the prompt's
+    tokens get label -100 so only the response is learned."""
     prompt = record["prompt"]
-    full = prompt + record["output"]
-    ids = tokenizer(full, truncation=True, max_length=cutoff, add_special_tokens=True)["input_ids"]
+    kw = {"truncation": True, "max_length": cutoff, "add_special_tokens": True}
+    ids = tokenizer(prompt + record["output"], **kw)["input_ids"]
     eos = tokenizer.eos_token_id
     if add_eos and eos is not None and len(ids) < cutoff and (not ids or ids[-1] != eos):
         ids = ids + [eos]
     labels = list(ids)
     if not train_on_inputs:
-        n_prompt = len(
-            tokenizer(prompt, truncation=True, max_length=cutoff, add_special_tokens=True)[
-                "input_ids"
-            ]
-        )
+        n_prompt = len(tokenizer(prompt, **kw)["input_ids"])
         labels[:n_prompt] = [IGNORE] * min(n_prompt, len(labels))
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
@@ -110,15 +91,11 @@ def tokenize_example(
 def length_grouped_batches(
     lengths: Sequence[int], batch_size: int, *, seed: int, group: int = 50
 ) -> list[list[int]]:
-    """Batches of indices of similar length (less padding), seeded.
-
-    (Hand-written: transformers' LengthGroupedSampler samples one process's indices as it
-    goes; SFT and the search need the whole seeded batch list up front, the same on every
-    rank, so a resumed run replays it.)
-
-    Indices are shuffled, cut into mega-batches of `group * batch_size`, sorted by length
-    inside each, cut into batches; the batch order is shuffled again.
-    """
+    """Seeded batches of indices of similar length (less padding): the indices shuffled, cut
+    into mega-batches of `group * batch_size`, sorted by length inside each, cut into
+    batches, the batch order shuffled again. (Hand-written: transformers'
+    LengthGroupedSampler samples one process's indices as it goes; SFT and the search need
+    the whole seeded batch list up front, the same on every rank, so a resumed run replays it.)"""
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)

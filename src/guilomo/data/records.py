@@ -4,8 +4,7 @@ A record is a dict: "instruction", "input", "output", "answer" (str), "subject" 
 None), "source", "id" (str), and "split" ("train" / "validation" / "test") when the source
 is split. A multiple-choice record also has `question`, `context`, `options`, `gold` (the
 answer's index) and, when the harness has its own prompt for the set, `cloze`; its
-instruction / output are the generate form (see `formulations`): "Context: {context or
-'N/A'}\\nQuestion: {question}\\nOptions: (A) .. (B) ..\\n" / "Answer: The answer is {letter}.".
+instruction / output are the generate form (see `formulations`).
 Unusable rows are dropped and counted by reason; input that cannot be read at all raises
 `DataError`, naming the file, the line or field, and a fix.
 """

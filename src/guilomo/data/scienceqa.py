@@ -24,10 +24,8 @@ from .split import SPLIT_NAMES, SPLITS, split_name
 log = logging.getLogger(__name__)
 
 _REQUIRED = ("question", "choices", "answer")
-_ID_FIELDS = (
-    "question", "hint", "choices", "answer", "subject", "topic", "category", "grade",
-    "lecture", "solution",
-)  # fmt: skip
+_ID_FIELDS = ("question", "hint", "choices", "answer", "subject", "topic", "category", "grade",
+              "lecture", "solution")  # fmt: skip
 
 
 def read_scienceqa(path: str | Path) -> ReadReport:
