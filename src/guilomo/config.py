@@ -24,9 +24,6 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# ------------------------------------------------------------------ loading and overrides
-
-
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping from `path`, or ValueError naming the file and what is wrong."""
     import yaml
@@ -76,22 +73,19 @@ def apply_overrides(doc: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     return doc
 
 
-def first_error(exc: ValidationError, prefix: tuple = ()) -> str:
-    """The first pydantic error as `where: what (got value)`."""
-    err = exc.errors()[0]
-    where = ".".join(str(x) for x in (*prefix, *err["loc"]))
-    msg = err["msg"].removeprefix("Value error, ")
-    got = f" (got {err['input']!r})" if err["type"] != "value_error" else ""
-    return f"{where}: {msg}{got}" if where else msg
-
-
 def validated(model: type[M], doc: dict[str, Any], source: str = "") -> M:
-    """`doc` as a `model`, or ValueError naming `source` (a file), the field and the fix."""
+    """`doc` as a `model`, or ValueError `source: where: what (got value)` from the first
+    pydantic error (`source`: a file, or nothing)."""
     try:
         return model.model_validate(doc)
     except ValidationError as exc:
-        text = first_error(exc)
-        raise ValueError(f"{source}: {text}" if source else text) from None
+        err = exc.errors()[0]
+    where = ".".join(str(x) for x in err["loc"])
+    text = err["msg"].removeprefix("Value error, ")
+    if err["type"] != "value_error":
+        text += f" (got {err['input']!r})"
+    text = f"{where}: {text}" if where else text
+    raise ValueError(f"{source}: {text}" if source else text)
 
 
 class PreprocessConfig(_Config):
@@ -163,9 +157,7 @@ class PreprocessConfig(_Config):
 
     @property
     def resolved_formulation(self) -> Formulation:
-        if self.formulation is not None:
-            return self.formulation
-        return "rc" if self.source == "multiple_choice" else "generate"
+        return self.formulation or ("rc" if self.source == "multiple_choice" else "generate")
 
 
 class SearchConfig(_Config):
@@ -321,10 +313,6 @@ class AllocateConfig(_Config):
         return self
 
 
-#: How several processes share the work: see `SftConfig.parallel`.
-Parallel = Literal["ddp", "fsdp"]
-
-
 class SftConfig(_Config):
     """SFT hyper-parameters. Defaults follow the method's ScienceQA recipe where it has one."""
 
@@ -349,7 +337,7 @@ class SftConfig(_Config):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bf16 on GPU, fp32 on CPU."
     )
-    parallel: Parallel = Field(
+    parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="Under torchrun: ddp, every process holds the whole model and the adapter "
         "gradients are averaged; fsdp, base and adapter parameters are sharded over the "

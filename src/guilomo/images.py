@@ -36,8 +36,7 @@ _BUILD_OPTIONS = ("torch_version", "torch_index_url", "base_image", "source_url"
 
 
 def git_revision(root: Path = REPO_ROOT) -> tuple[str | None, bool]:
-    """The commit SHA of `root` and whether tracked files have uncommitted changes
-    (None, False outside a git checkout or without git)."""
+    """The commit SHA of `root` and whether tracked files changed (None, False without git)."""
 
     def git(*args: str) -> str:
         run = subprocess.run(
@@ -245,7 +244,6 @@ def add_image_parsers(sub: argparse._SubParsersAction) -> None:
         "(e.g. registry.example.com/team/guilomo; default: guilomo)",
     )
     common.add_argument("--quiet", action="store_true", help="no build / push output")
-    parsers = {}
     for name, func, help_, description in [
         ("build", _image_build, "build and tag the image(s)",
          "Build and tag the image(s). The tags carry the package version and the git commit; "
@@ -256,11 +254,9 @@ def add_image_parsers(sub: argparse._SubParsersAction) -> None:
         ("tags", _image_tags, "print the tags a build would apply",
          "Print the tags `guilomo image build` applies (no Docker engine needed)."),
     ]:  # fmt: skip
-        parsers[name] = actions.add_parser(
-            name, parents=[common], help=help_, description=description
-        )
-        parsers[name].set_defaults(func=func)
-    b = parsers["build"]
+        p = actions.add_parser(name, parents=[common], help=help_, description=description)
+        p.set_defaults(func=func)
+    b = actions.choices["build"]
     b.add_argument(
         "--torch-version", default=DEFAULT_TORCH_VERSION, help="torch release to install"
     )

@@ -8,9 +8,6 @@ A spec is one of
   package ships, dequantised to fp32 once by transformers' GGUF support and cached as a
   safetensors folder;
 - any other string: a Hugging Face hub id, read from the local hub cache when offline.
-
-    folder = resolve_model("smollm2-135m")        # ~/.cache/guilomo/models/smollm2-135m-instruct
-    model, tokenizer = load_model("smollm2-135m")  # eval mode, fp32 on CPU, bf16 on CUDA
 """
 
 from __future__ import annotations
@@ -21,6 +18,7 @@ import logging
 import os
 import shutil
 import uuid
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -86,12 +84,9 @@ def resolve_model(spec: str | os.PathLike[str], *, cache_dir: Path | None = None
     if spec.lower() in SMOLLM2_ALIASES:
         return _smollm2_folder(root)
     if spec.lower() == SMOLLM2_HUB_ID.lower():
-        cached = _hub_snapshot(SMOLLM2_HUB_ID, local_only=True)
-        if cached is not None:
-            try:
+        if cached := _hub_snapshot(SMOLLM2_HUB_ID, local_only=True):
+            with suppress(ModelError):  # an incomplete snapshot: fall back to the GGUF copy
                 return _check_folder(cached)
-            except ModelError:
-                pass  # an incomplete snapshot: fall back to the GGUF copy
         if importlib.util.find_spec(SMOLLM2_PACKAGE) is not None or _hub_offline():
             return _smollm2_folder(root)
     return _resolve_hub(spec)

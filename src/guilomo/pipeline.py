@@ -1,9 +1,9 @@
 """The Kubeflow Pipelines side: one lightweight component per stage (a thin function, imports
-inside, that calls `guilomo.tasks.run_task`; on a cluster in image `IMAGE`, or under
-`kfp.local`), and the DAG. GPU stages (search, sft, evaluate) request `nvidia.com/gpu` and take
-node selector and tolerations from pipeline parameters (kfp-kubernetes), so the GPU pool is
-chosen at submit time, and retry with backoff; CPU stages get none, so tainted GPU nodes do
-not take them."""
+inside, that calls `guilomo.tasks.run_task`, where all the logic lives; in image `IMAGE` or
+under `kfp.local`), and the DAG. GPU stages (search, sft, evaluate) request `nvidia.com/gpu`
+and take node selector and tolerations from pipeline parameters (kfp-kubernetes), so the GPU
+pool is chosen at submit time, and retry with backoff; CPU stages get none, so tainted GPU
+nodes do not take them."""
 
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,6 @@ from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 from . import __version__
 
 IMAGE = f"guilomo:{__version__}"  # a versioned tag, never `latest`; `guilomo image` builds it
-
-
-# Every component takes the MLflow parent run id and the KFP run / task ids (placeholders
-# resolved at run time), and calls its task in `guilomo.tasks`, where all the logic lives.
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -1,11 +1,8 @@
 """What each KFP component runs: `run_task(stage, ...)`, one stage as an MLflow child run.
 
 The components in `guilomo.pipeline` are thin (KFP serialises their source); tests call
-`run_task` without KFP. It validates the config, opens the `StageTracker` (which checks that
-MLflow answers *before* any model is loaded), runs `Stage.run` with per-step metrics and
-progress lines, and records the output's URI, metrics, plots, base model and raw data.
-`Io` pairs a local path (KFP's `artifact.path`) with its URI (`artifact.uri`: `s3://...` on
-a cluster), so manifests and MLflow name URIs.
+`run_task` without KFP. `Io` pairs a local path (KFP's `artifact.path`) with its URI
+(`artifact.uri`: `s3://...` on a cluster), so manifests and MLflow name URIs.
 """
 
 from __future__ import annotations
@@ -104,10 +101,9 @@ class Progress:
 def run_task(
     stage: str, config: dict, inputs: dict[str, Io | None], out: Io, tracking: Tracking
 ) -> dict[str, float]:
-    """Run `stage` (a name in `guilomo.stages.STAGES`) as one tracked MLflow child run: its
-    metrics, output URI and plots recorded, per-step metrics logged as it goes. A
-    checkpointed stage with `tracking.gpus` > 1 (and not yet under torchrun) runs itself
-    again under torchrun, one process per GPU of the node; rank 0 tracks and publishes."""
+    """Run `stage` (a name in `STAGES`) as one tracked MLflow child run (the tracker checks that
+    MLflow answers before any model is loaded). A checkpointed stage with `tracking.gpus` > 1
+    reruns itself under torchrun, one process per GPU of the node; rank 0 tracks and publishes."""
     from .artifacts import read_artifact
     from .config import validated
     from .stages import STAGES, Context
@@ -149,19 +145,17 @@ def run_task(
         if ctx.checkpoints is not None:  # pod-local; a checkpoint_root mirror stays
             shutil.rmtree(ctx.checkpoints, ignore_errors=True)
         tr.log_metrics({COMPUTE: time.perf_counter() - t0})
-        _record(tr, spec, cfg, metrics, out, ctx, "adapter" in present)
+        _record(tr, spec, cfg, metrics, out, ctx)
     return metrics
 
 
-def _record(
-    tr: StageTracker, spec: Any, cfg: Any, metrics: dict, out: Io, ctx: Any, adapted: bool
-) -> None:
+def _record(tr: StageTracker, spec: Any, cfg: Any, metrics: dict, out: Io, ctx: Any) -> None:
     """Tags, metrics (an evaluation's also on the adapter's LoggedModel), the output, an adapter
     as a LoggedModel, plots, base model and raw data, and an evaluation's predictions."""
     from .artifacts import read_artifact
 
     tr.log_tags(ctx.tags)
-    model = tr.input_models.get("adapter") if adapted else None
+    model = tr.input_models.get("adapter")
     tr.log_metrics(metrics, model_id=model, dataset="dataset" if model else None)
     name, kind = spec.output
     tr.log_output(name, out.uri)
@@ -192,21 +186,20 @@ def _under_torchrun(
     stage: str, config: dict, inputs: dict[str, Io | None], out: Io, tracking: Tracking
 ) -> bool:
     """With `tracking.gpus` > 1 and not yet under torchrun: run the task again under
-    torchrun, one process per GPU, with the same arguments (JSON in a temporary file), and
-    return True; a failed rank fails the task. Otherwise return False: this process works."""
+    torchrun with the same arguments (JSON in a temporary file), and return True; a failed
+    rank fails the task. Otherwise return False: this process works."""
     if (tracking.gpus or 0) <= 1 or "WORLD_SIZE" in os.environ:
         return False
     import json
     import subprocess
     import tempfile
 
-    nproc = int(tracking.gpus)
     args = {"config": config, "inputs": inputs, "out": out, "tracking": tracking.__dict__}
     with tempfile.TemporaryDirectory() as tmp:
         args_file = Path(tmp) / "args.json"
         args_file.write_text(json.dumps(args, default=lambda io: [str(io.path), io.uri]))
-        cmd = torchrun_command(stage, nproc, args_file)
-        _say(f"{stage}: {nproc} processes: {' '.join(cmd)}")
+        cmd = torchrun_command(stage, tracking.gpus, args_file)
+        _say(f"{stage}: {tracking.gpus} processes: {' '.join(cmd)}")
         code = subprocess.run(cmd, check=False).returncode
     if code != 0:
         raise RuntimeError(

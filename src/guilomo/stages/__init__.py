@@ -1,7 +1,5 @@
-"""The five pipeline stages, each one `Stage`: a name, its typed config, the artifact kinds
-it reads and writes, and `run(config, inputs, out, context) -> metrics`. `guilomo stage NAME`,
-`guilomo.tasks` and the run config loop over `STAGES`. The registry is torch-free: a stage's
-module is imported only when it runs."""
+"""The five pipeline stages, each one `Stage`, in `STAGES`. The registry is torch-free: a
+stage's module is imported only when it runs."""
 
 from __future__ import annotations
 
@@ -153,11 +151,4 @@ STAGES: dict[str, Stage] = {
             replaces=True,
         ),
     )
-}
-
-#: Every name a stage's run goes by (`preset`, `evaluate-base` included) -> its stage.
-RUN_NAMES: dict[str, Stage] = {
-    n: s
-    for s in STAGES.values()
-    for n in (s.name, *(i.absent_name for i in s.inputs if not i.required))
 }

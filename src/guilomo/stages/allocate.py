@@ -138,8 +138,8 @@ def model_modules(base_model: str) -> tuple[list[str], dict[str, tuple[int, int]
     return list(modules), {n: (m.in_features, m.out_features) for n, m in linear.items()}
 
 
-def _from_state(config: AllocateConfig, search: Path) -> tuple[Allocation, dict]:
-    """The allocation a SearchState selects (under the budget, if any), and its shapes."""
+def _from_state(config: AllocateConfig, search: Path) -> tuple[Allocation, int]:
+    """The allocation a SearchState selects (under the budget, if any), and its parameters."""
     from ..artifacts import read_artifact
     from ..artifacts.search_state import KIND as SEARCH_STATE
     from ..artifacts.search_state import read_state
@@ -148,26 +148,25 @@ def _from_state(config: AllocateConfig, search: Path) -> tuple[Allocation, dict]
     doc, _ = read_state(search)
     if problem := config.contradicts({"placement": "all"} | doc["config"]):
         raise AllocationInputError(problem.replace("search.", "the search's "))
-    shapes = {n: tuple(s) for n, s in doc["shapes"].items()}
     budget = config.budget
     if config.budget_like is not None:
         try:
             budget = preset_parameters(
                 config.budget_like,
-                shapes,
+                {n: tuple(s) for n, s in doc["shapes"].items()},
                 top_k=doc["config"]["top_k"],
                 placement=doc["config"].get("placement", "all"),
             )
         except ValueError as exc:
             raise AllocationInputError(f"budget_like (--budget-like): {exc}") from None
-    return allocation_from_state(search, budget=budget)[0], shapes
+    return allocation_from_state(search, budget=budget)
 
 
 def _hand_made(
     config: AllocateConfig, reference: tuple[Path, Path] | None
-) -> tuple[Allocation, dict | None]:
+) -> tuple[Allocation, int | None]:
     """The MoLA preset, or the reference code's expert.json / rank.json, on the base model's
-    modules; the shapes when every module is a linear layer."""
+    modules; its parameter count when every module is a linear layer."""
     names, linear = model_modules(config.base_model)
     if config.preset is not None:
         alloc = build_allocation(
@@ -184,7 +183,8 @@ def _hand_made(
         alloc = import_reference_json(
             *reference, base_model=config.base_model, module_names=targets, top_k=config.top_k
         )
-    return alloc, (linear if all(n in linear for n in alloc.modules) else None)
+    linear_only = all(n in linear for n in alloc.modules)
+    return alloc, allocation_parameters(alloc, linear) if linear_only else None
 
 
 def run_allocate(
@@ -206,12 +206,8 @@ def run_allocate(
         )
     if search is None and (config.budget is not None or config.budget_like is not None):
         raise AllocationInputError("--budget and --budget-like apply to --search only")
-    if search is not None:
-        (alloc, shapes), found = _from_state(config, search), [str(search)]
-    else:
-        alloc, shapes = _hand_made(config, reference)
-        found = [str(p) for p in reference] if reference else []
-    params = allocation_parameters(alloc, shapes) if shapes is not None else None
+    alloc, params = _from_state(config, search) if search else _hand_made(config, reference)
+    found = [str(search)] if search else [str(p) for p in reference or ()]
     write_allocation(
         out,
         alloc,

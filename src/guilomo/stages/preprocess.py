@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import read_artifact, tree_digest
+from ..artifacts import tree_digest
 from ..artifacts.prepared import write_prepared
 from ..config import DEFAULT_TEMPLATE, PreprocessConfig
 from ..data.formulations import formulate
@@ -42,7 +42,7 @@ def source_identity(config: PreprocessConfig, report: ReadReport) -> dict[str, s
     return ident
 
 
-def run_preprocess(config: PreprocessConfig, out: Path, *, overwrite: bool = False) -> Path:
+def run(config: PreprocessConfig, inputs: dict, out: Path, context: Context) -> Metrics:
     formulation = config.resolved_formulation
     template = load_template(config.template or DEFAULT_TEMPLATE)
     reports = read_source(config)
@@ -54,10 +54,11 @@ def run_preprocess(config: PreprocessConfig, out: Path, *, overwrite: bool = Fal
     ]
     sizes = config.model_dump(include={"train_size", "validation_size", "test_size", "seed"})
     splits = split_records(records, **sizes)
+    counts = {name: len(rows) for name, rows in splits.items()}
     report = {
         "formulation": formulation,
         "sources": [rep.summary() for rep in reports],
-        "splits": {name: len(rows) for name, rows in splits.items()},
+        "splits": counts,
     }
     info = {
         "formulation": formulation,
@@ -66,19 +67,14 @@ def run_preprocess(config: PreprocessConfig, out: Path, *, overwrite: bool = Fal
     }
     if formulation == "generate":
         info |= {"template": template.name, "response_split": template.response_split}
-    return write_prepared(
+    write_prepared(
         out,
         splits,
         report=report,
         info=info,
         config=config.model_dump(mode="json"),
         parents=[rep.source for rep in reports],
-        overwrite=overwrite,
+        overwrite=context.overwrite,
     )
-
-
-def run(config: PreprocessConfig, inputs: dict, out: Path, context: Context) -> Metrics:
-    path = run_preprocess(config, out, overwrite=context.overwrite)
-    counts = read_artifact(path).metadata["counts"]
     context.say(f"{counts}")
     return {f"rows.{k}": float(v) for k, v in counts.items()}
