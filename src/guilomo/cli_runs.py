@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,6 @@ _SHARED: dict[str, dict[str, Any]] = {
 
 def _print(renderable: Any) -> None:
     """A rich table or tree; off a terminal, plain text as wide as it needs (no 80 columns)."""
-    import sys
-
     from rich.console import Console
 
     width = None if sys.stdout.isatty() else 10_000

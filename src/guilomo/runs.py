@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from . import config
 from .config import AllocateConfig, EvalConfig, PreprocessConfig, SearchConfig, SftConfig, read_yaml
 from .stages import STAGES
+from .tracking import end_pipeline_run, resolve_pipeline_run, stage_records, start_pipeline_run
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -100,7 +102,7 @@ class RunConfig(BaseModel):
         """A stage section as a KFP struct: the fields the run config sets (the stage applies
         its own defaults); nulls (not allowed there) dropped, which must change nothing."""
         section = getattr(self, stage)
-        plain = _drop_none(section.model_dump(mode="json", exclude_unset=True))
+        plain = section.model_dump(mode="json", exclude_unset=True, exclude_none=True)
         if type(section).model_validate(plain) != section:
             raise ValueError(f"{stage}: a null value overrides a default; give a value instead")
         return plain
@@ -109,14 +111,6 @@ class RunConfig(BaseModel):
         stages = {f"{s}_config": self.stage_arguments(s) for s in STAGE_CONFIGS}
         dag = self.model_dump(mode="json", include=_DAG_OPTIONS)
         return stages | dag | {"mlflow_parent_run_id": parent_run_id}
-
-
-def _drop_none(doc: Any) -> Any:
-    if isinstance(doc, dict):
-        return {k: _drop_none(v) for k, v in doc.items() if v is not None}
-    if isinstance(doc, list):
-        return [_drop_none(v) for v in doc]
-    return doc
 
 
 def load_run_config(
@@ -134,9 +128,7 @@ def load_run_config(
     return config.validated(RunConfig, config.apply_overrides(doc, overrides), source)
 
 
-# ------------------------------------------------------------------ starting a run
-
-
+# -- starting a run -----------------------------------------------------------------------
 def default_tracking(root: Path) -> str:
     """MLFLOW_TRACKING_URI, or else (set so for the stages' processes too) ROOT/mlflow.db."""
     if not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -155,7 +147,6 @@ def _start(cfg: RunConfig, tags: dict, rerun: Rerun | None, track: bool = True) 
     from mlflow.tracking import MlflowClient
 
     from .pipeline import guilomo_pipeline, rerun_pipeline
-    from .tracking import start_pipeline_run
 
     stage, imports, earlier = rerun or ("", {}, "")
     tags |= {"guilomo.rerun_of": earlier, "guilomo.rerun_stage": stage} if rerun else {}
@@ -169,9 +160,7 @@ def _start(cfg: RunConfig, tags: dict, rerun: Rerun | None, track: bool = True) 
     return parent, rerun_pipeline(stage, imports) if rerun else guilomo_pipeline
 
 
-# ------------------------------------------------------------------ local runs
-
-
+# -- local runs ---------------------------------------------------------------------------
 @dataclass
 class RunSummary:
     parent_run_id: str
@@ -190,8 +179,6 @@ def run_local(
 ) -> RunSummary:
     """Run the DAG (or a rerun DAG) here through kfp.local, each task a subprocess."""
     from kfp import local
-
-    from .tracking import end_pipeline_run, stage_records
 
     root = Path(root)
     uri = default_tracking(root)
@@ -256,9 +243,7 @@ def _point_stdio(out: int, err: int) -> None:
     os.dup2(err, 2)
 
 
-# ------------------------------------------------------------------ earlier runs
-
-
+# -- earlier runs -------------------------------------------------------------------------
 def recorded_config(parent_run_id: str) -> dict[str, Any]:
     import mlflow
 
@@ -276,7 +261,6 @@ def rerun_plan(parent_run_id: str, stage: str) -> tuple[str, dict[str, str]]:
     from mlflow.tracking import MlflowClient
 
     from .pipeline import RERUN_IMPORTS
-    from .tracking import stage_records
 
     if stage == "preprocess":
         raise ValueError("rerun preprocess is a new run: use `guilomo run` with the same config")
@@ -298,13 +282,9 @@ def rerun_plan(parent_run_id: str, stage: str) -> tuple[str, dict[str, str]]:
     return stage, {k: uris[k] for k in RERUN_IMPORTS[stage]}
 
 
-# ------------------------------------------------------------------ lineage
-
-
+# -- lineage ------------------------------------------------------------------------------
 def lineage(run_ref: str, experiment: str = "guilomo") -> list[tuple[Any, Tree]]:
     """A run's last evaluate and evaluate-base records, each with its report's lineage tree."""
-    from .tracking import resolve_pipeline_run, stage_records
-
     parent = resolve_pipeline_run(run_ref, experiment=experiment)
     last = {r.stage: r for r in stage_records(parent) if "report" in r.outputs}
     found = [last[s] for s in ("evaluate", "evaluate-base") if s in last]
@@ -318,15 +298,12 @@ def lineage_tree(uri: str, _seen: dict[str, str] | None = None) -> Tree:
     data files are leaves, and an artifact reached twice (the dataset) is expanded once."""
     from rich.tree import Tree
 
-    from .storage import StorageError, open_store
+    from .storage import open_store
 
     seen = {} if _seen is None else _seen
     if uri in seen:
         return Tree(f"{seen[uri]}  {uri}\n   (as above)")
-    try:
-        m = open_store(uri).read_manifest(uri)
-    except StorageError as exc:
-        raise ValueError(str(exc)) from None
+    m = open_store(uri).read_manifest(uri)  # StorageError (a ValueError) if it is damaged
     if m is None:
         return _source(uri, {})
     seen[uri] = m.kind
@@ -351,16 +328,15 @@ def _source(uri: str, src: dict[str, Any]) -> Tree:
     return Tree(f"source data  {uri}" + (f"  ({origin})" if origin else ""))
 
 
-# ------------------------------------------------------------------ the summary table
-
+# -- the summary table --------------------------------------------------------------------
 _ALLOCATION = ("experts", "total_rank", "trainable_parameters")
 _KEY_METRICS = {
+    "preprocess": ("rows.train", "rows.validation", "rows.test"),
+    "search": ("val_loss", "train_loss"),
     "allocate": _ALLOCATION,
     "preset": _ALLOCATION,
-    "search": ("val_loss", "train_loss"),
+    "sft": ("final_loss", "tokens_per_second"),
 }
-_KEY_METRICS |= {"preprocess": ("rows.train", "rows.validation", "rows.test")}
-_KEY_METRICS |= {"sft": ("final_loss", "tokens_per_second")}
 
 
 def _fmt_metrics(stage: str, m: dict[str, float]) -> str:
@@ -388,17 +364,14 @@ def summary_table(summary: RunSummary) -> Table:
     for name in ("stage", "time", "key metrics", "artifact", "MLflow run"):
         table.add_column(name, no_wrap=name != "key metrics")  # only the metrics wrap
     for rec in summary.records:
-        took = rec.status.lower()
-        if rec.end_time and rec.start_time:
-            took = f"{rec.end_time - rec.start_time:.1f}s"
+        timed = rec.end_time and rec.start_time
+        took = f"{rec.end_time - rec.start_time:.1f}s" if timed else rec.status.lower()
         out = next(iter(rec.outputs.values()), "")
         table.add_row(rec.stage, took, _fmt_metrics(rec.stage, rec.metrics), out, rec.run_id)
     return table
 
 
-# ------------------------------------------------------------------ the cluster
-
-
+# -- the cluster --------------------------------------------------------------------------
 def submit(
     cfg: RunConfig,
     *,
@@ -411,14 +384,11 @@ def submit(
     """Submit the DAG (or a rerun DAG) to the KFP endpoint `host`; with MLFLOW_TRACKING_URI set,
     open the parent run first. `image` replaces `guilomo:<version>` (`guilomo image push`
     prints one). Returns (KFP run id, run URL, MLflow parent run id or '')."""
-    import tempfile
-
     import kfp
     from kfp import compiler
     from mlflow.tracking import MlflowClient
 
     from .pipeline import IMAGE
-    from .tracking import end_pipeline_run
 
     if image is not None and (not image or image.endswith(":latest")):
         raise ValueError(f"--image {image!r}: give a versioned tag or a digest, never latest")

@@ -1,44 +1,18 @@
-"""MLflow tracking: one parent run per pipeline run, one child run per stage.
+"""MLflow tracking: one parent run per pipeline run (`start_pipeline_run`, `end_pipeline_run`),
+one child run per stage (`StageTracker`, in the stage's own process); README.md ("Tracking and
+lineage in MLflow") lists what each records.
 
-The pipeline driver (`guilomo run`, `guilomo rerun`) opens the parent run with
-`start_pipeline_run` and hands its id to every stage. Each stage, in its own process (a KFP
-component), wraps its work in a `StageTracker`:
+The artifacts' manifests are the lineage record (kind, digest, parents) and MLflow points at
+them: tags `guilomo.output.<name>` = the output's URI, and one dataset input per input artifact
+(source = its URI, digest = the manifest digest cut to `DATASET_DIGEST_CHARS`; MLflow keeps one
+dataset per experiment, name and digest, with its first source, so the input tag `guilomo.uri`
+holds this run's URI). `stage_records` reads a pipeline run's stages back, and
+`resolve_pipeline_run` finds one by id or name.
 
-    with StageTracker("sft", parent_run_id, config=cfg,
-                      inputs={"dataset": ds_uri, "allocation": alloc_uri},
-                      tags={"kfp.run_id": ..., "kfp.task_id": ...}) as tracker:
-        out = sft.run(cfg, ...)                      # the heavy work, after the reachability check
-        tracker.log_metrics({"train_loss": 0.41}, step=100)
-        tracker.log_output("adapter", out_uri)
-        tracker.log_model(out_uri, name="adapter")   # an external LoggedModel
-        tracker.log_artifacts([Path("loss.png")])
-
-The artifacts' manifests are the lineage record (kind, digest, parents); MLflow points at
-them. What lands in MLflow, per child run:
-
-* tags `guilomo.stage`, `guilomo.kind=stage`, `guilomo.code_version`, the caller's tags (KFP
-  run and task ids, image digest, GPUs) and `guilomo.output.<name>` = the output's URI;
-* params: the stage config flattened with dots (`lora.rank`);
-* one MLflow dataset input per input artifact: name = input name, source = the artifact URI
-  (`{"uri": ...}`, source type `s3` or `local`), digest = the manifest digest's first 32
-  characters (`DATASET_DIGEST_CHARS`), profile = the full digest, kind, producing stage and
-  code version; input tags `mlflow.data.context` = name and `guilomo.uri` = this run's URI
-  (MLflow keeps one dataset per experiment, name and digest, with its first source). An
-  input an earlier stage logged as a LoggedModel (the adapter, for evaluate) is also linked
-  as a model input;
-* the adapter as an external LoggedModel (its weights stay at the artifact URI; tags
-  `guilomo.uri`, `guilomo.digest`), the run's model output;
-* plots as run artifacts under `plots/`.
-
-`stage_records(parent)` reads each stage's inputs (from its dataset inputs) and outputs back,
-and their digests on demand from the manifests; `resolve_pipeline_run(name_or_id)` finds a
-parent run. Everything goes through `MlflowClient` with an explicit tracking URI (no
-process-global active run), and mlflow's errors become a `TrackingError` naming the call.
-
-The tracking URI comes only from `MLFLOW_TRACKING_URI` (an `http(s)://` server or a local
-`sqlite:///path/mlflow.db`); a password in it is never logged. A parent run id of "" disables
-tracking: every tracker method is then a no-op that neither imports mlflow nor touches the
-network.
+Everything goes through `MlflowClient` with the URI from `MLFLOW_TRACKING_URI` (no
+process-global active run; a password in it is never logged), and mlflow's errors become a
+`TrackingError` naming the call. A parent run id of "" disables tracking: every tracker method
+is then a no-op that neither imports mlflow nor touches the network.
 """
 
 from __future__ import annotations
@@ -48,7 +22,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -56,7 +29,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse, urlsplit, urlunsplit
 from urllib.request import url2pathname
@@ -72,14 +44,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "guilomo"
 DATASET_DIGEST_CHARS = 32  # MLflow stores at most 36 characters of a dataset digest
-RUN_STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
 # MLflow's limits (mlflow.utils.validation): values beyond them are cut, not rejected.
 _MAX_KEY, _MAX_PARAM_VALUE, _MAX_TAG_VALUE, _MAX_INPUT_TAG_VALUE = 250, 6000, 8000, 500
 _OUTPUT = "guilomo.output."
-_START_HINT = (
-    "start the server or set MLFLOW_TRACKING_URI to a running one (or unset it to run "
-    "without tracking)"
-)
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -96,11 +63,9 @@ def tracking_uri() -> str | None:
 def _redact(uri: str) -> str:
     """`uri` without a password (http://user:secret@host -> http://user:***@host)."""
     parts = urlsplit(uri)
-    if parts.password:
-        return urlunsplit(
-            parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
-        )
-    return uri
+    if not parts.password:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
 
 
 def _require_uri(uri: str | None) -> str:
@@ -120,12 +85,9 @@ def _sqlite_file(uri: str) -> Path | None:
 
 
 def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
-    """Fail fast, before any heavy work, when the tracking backend cannot be used.
-
-    http(s): one `GET <uri>/health` with a short timeout (mlflow's own client would retry for
-    minutes). sqlite: the database's folder must exist and be writable. A local folder store:
-    it or its nearest existing parent must be a writable folder. Other schemes pass.
-    """
+    """Fail fast, before any heavy work, when the tracking backend cannot be used: http(s) gets
+    one short `GET <uri>/health` (mlflow's client would retry for minutes); a sqlite database's
+    folder, or a folder store's nearest existing folder, must be writable. Others pass."""
     uri = _require_uri(uri)
     parsed = urlparse(uri)
     scheme, db = parsed.scheme.lower(), _sqlite_file(uri)
@@ -144,7 +106,8 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise TrackingError(
                 f"the MLflow tracking server at {_redact(uri)} is not reachable (GET "
-                f"{_redact(url)}: {getattr(exc, 'reason', exc)}); {_START_HINT}"
+                f"{_redact(url)}: {getattr(exc, 'reason', exc)}); start the server or set "
+                "MLFLOW_TRACKING_URI to a running one (or unset it to run without tracking)"
             ) from None
     elif db is not None and not (db.parent.is_dir() and os.access(db.parent, os.W_OK)):
         problem = "is not writable; fix its permissions" if db.parent.is_dir() else None
@@ -179,8 +142,7 @@ def _call(what: str, uri: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 class _Client:
-    """`MlflowClient(tracking_uri=uri)` whose calls raise TrackingError, naming the call and
-    the (redacted) URI, on any mlflow or transport error."""
+    """`MlflowClient(tracking_uri=uri)` whose calls raise TrackingError (see `_call`)."""
 
     def __init__(self, uri: str) -> None:
         from mlflow import MlflowClient
@@ -239,10 +201,9 @@ def _log_batch(
     client.log_batch(run_id, params=p, tags=t)
 
 
-def _check_name(name: str, what: str) -> str:
+def _check_name(name: str, what: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise TrackingError(f"{what} name {name!r}: use letters, digits, '_' and '-' only")
-    return name
 
 
 def _normalize(uri: str) -> str:
@@ -328,8 +289,6 @@ def end_pipeline_run(run_id: str, status: str = "FINISHED", *, summary: bool = F
     MLflow's compare view shows each pipeline run's numbers."""
     if not run_id:
         return
-    if status not in RUN_STATUSES:
-        raise TrackingError(f"run status {status!r}: use one of {', '.join(RUN_STATUSES)}")
     client = _Client(_require_uri(None))
     if summary:
         from mlflow.entities import Metric
@@ -364,10 +323,7 @@ def _tracked(method: _F) -> _F:
 
 
 class StageTracker:
-    """The child run of one stage execution; see the module docstring.
-
-    `parent_run_id == ""` disables tracking: the tracker then does nothing, cheaply.
-    """
+    """The child run of one stage execution; a `parent_run_id` of "" disables it (no-ops)."""
 
     def __init__(
         self,
@@ -410,12 +366,7 @@ class StageTracker:
         log.info("MLflow %s run %s (parent %s)", self.stage, self.run_id, self.parent_run_id)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
         if not self.enabled or self.run_id is None:
             return
         if exc_type is None:
@@ -490,11 +441,6 @@ class StageTracker:
         dataset digest they were measured on."""
         from mlflow.entities import Metric
 
-        if dataset is not None and dataset not in self._digests:
-            raise TrackingError(
-                f"log_metrics(dataset={dataset!r}): not an input of this stage; use one of "
-                f"{sorted(self._digests)}"
-            )
         digest = self._digests[dataset][:DATASET_DIGEST_CHARS] if dataset is not None else None
         now, at = int(time.time() * 1000), int(step or 0)
         entries = [
@@ -532,41 +478,25 @@ class StageTracker:
         """Register the artifact at `uri` (an Adapter) as an external MLflow LoggedModel of this
         run: its files stay at `uri`; tags record the URI and the manifest digest. Returns the
         model id (None when tracking is disabled)."""
+        import mlflow
         from mlflow.entities import LoggedModelOutput
 
         m, uri = _manifest(uri), _normalize(uri)
-        tags = {"mlflow.model.isExternal": "true", "guilomo.uri": uri, "guilomo.digest": m.digest}
-        tags |= {"guilomo.kind": m.kind, "guilomo.stage": self.stage}
-        model = self._client.create_logged_model(
-            self.experiment_id,
+        tags = {"guilomo.uri": uri, "guilomo.digest": m.digest, "guilomo.kind": m.kind}
+        tags |= {"guilomo.stage": self.stage, "guilomo.code_version": m.code_version}
+        model = _call(
+            "create_external_model",
+            self._client.uri,
+            mlflow.create_external_model,  # READY, with the MLmodel stub the registry needs
             name=name,
             source_run_id=self.run_id,
-            tags=_tags({**tags, "guilomo.code_version": m.code_version}),
+            tags=_tags(tags),
             params=flatten_params(params) or None,
             model_type=f"guilomo.{m.kind}",
+            experiment_id=self.experiment_id,
         )
-        self._finalize(model)
         self._client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, 0)])
         return model.model_id
-
-    def _finalize(self, model: Any) -> None:
-        """Upload the MLmodel stub `mlflow.create_external_model` writes (so the model can be
-        registered in the Model Registry), then mark the model READY; FAILED on an error."""
-        from mlflow.models import utils
-
-        client, model_id = self._client, model.model_id
-        try:
-            with tempfile.TemporaryDirectory(prefix="guilomo-mlmodel-") as d:
-                if hasattr(utils, "get_external_mlflow_model_spec"):  # not in every mlflow 3
-                    utils.get_external_mlflow_model_spec(model).save(os.path.join(d, "MLmodel"))
-                    client.log_model_artifacts(model_id, d)
-            client.finalize_logged_model(model_id, "READY")
-        except BaseException:
-            try:
-                client.finalize_logged_model(model_id, "FAILED")
-            except TrackingError as err:
-                log.warning("could not mark logged model %s FAILED: %s", model_id, err)
-            raise
 
     @_tracked
     def log_artifacts(self, paths: list[Path], artifact_path: str = "plots") -> None:
@@ -630,15 +560,8 @@ def stage_records(parent_run_id: str) -> list[StageRecord]:
     client = _open()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
-        runs += page
-        if not (token := page.token):
-            break
-    runs.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
-    return [_record(r) for r in runs]
+    runs = client.search_runs([experiment_id], query, max_results=1000)  # a DAG's few stages
+    return [_record(r) for r in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))]
 
 
 def resolve_pipeline_run(ref: str, experiment: str = DEFAULT_EXPERIMENT) -> str:
