@@ -3,8 +3,7 @@
 A random 4-layer LLaMA (built in code, frozen) is taught a task it cannot do: to sort a
 sequence of digits. Only the LoRA-MoE adapter trains (a MoLA "2468" allocation by default).
 The demo reports held-out accuracy before and after, the load of every expert, saves the
-adapter, reloads it into a fresh copy of the base and checks the logits are identical.
-"""
+adapter, reloads it into a fresh copy of the base and checks the logits are identical."""
 
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from .moe import MoeConfig, RouterConfig, build_allocation, inject_adapter, load_adapter
 from .moe.config import LossConfig, Placement, RouterKind
@@ -23,6 +23,7 @@ from .training import run_steps
 
 DIGITS, SEP = 10, 10  # tokens 0-9 are digits, 10 separates input from output
 VOCAB = 16
+Batch = tuple[torch.Tensor, torch.Tensor]  # token ids, labels
 
 
 @dataclass
@@ -56,9 +57,7 @@ def make_base(seed: int) -> torch.nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-def sorting_batch(
-    n: int, length: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sorting_batch(n: int, length: int, generator: torch.Generator) -> Batch:
     """(n, 2*length+1) token ids `x SEP sorted(x)` and labels on the sorted half only."""
     x = torch.randint(0, DIGITS, (n, length), generator=generator)
     ids = torch.cat([x, torch.full((n, 1), SEP), x.sort(dim=1).values], dim=1)
@@ -68,10 +67,9 @@ def sorting_batch(
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor
-) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, batch: Batch) -> tuple[float, float]:
     """Loss and exact-match accuracy of the whole sorted half (teacher forced)."""
+    ids, labels = batch
     out = model(input_ids=ids, labels=labels)
     pred = out.logits[:, :-1].argmax(-1)
     target = labels[:, 1:]
@@ -82,18 +80,16 @@ def evaluate(
 def train(
     model: torch.nn.Module,
     adapter: MoeAdapter,
+    batches: Callable[[], Batch],
     *,
     steps: int,
-    batches: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     lr: float,
     seed: int,
     progress: bool,
 ) -> None:
     """AdamW on the adapter: 20 warm-up steps, then a linear decay to 0."""
     opt = torch.optim.AdamW(adapter.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps)
-    )
+    sched = LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
     model.train()
 
     def step(i: int) -> dict[str, float]:
@@ -139,20 +135,20 @@ def run_demo(
     )
     router_config, losses = RouterConfig(kind=router), LossConfig(balance_coef=0.01)
     config = MoeConfig(allocation=alloc, lora_dropout=0.0, router=router_config, losses=losses)
-    val_ids, val_labels = sorting_batch(256, length, torch.Generator().manual_seed(seed + 1))
-    loss0, acc0 = evaluate(model, val_ids, val_labels)
+    val = sorting_batch(256, length, torch.Generator().manual_seed(seed + 1))
+    loss0, acc0 = evaluate(model, val)
     adapter = inject_adapter(model, config)
     batches = functools.partial(sorting_batch, batch_size, length, gen)
-    train(model, adapter, steps=steps, batches=batches, lr=lr, seed=seed, progress=progress)
+    train(model, adapter, batches, steps=steps, lr=lr, seed=seed, progress=progress)
     adapter.reset_router_stats()
-    loss1, acc1 = evaluate(model, val_ids, val_labels)
+    loss1, acc1 = evaluate(model, val)
     stats = adapter.router_stats()
     adapter_dir = adapter.save(out / "adapter")
 
     fresh = make_base(seed)
     load_adapter(fresh, adapter_dir)
     with torch.no_grad():
-        identical = torch.equal(fresh(input_ids=val_ids).logits, model(input_ids=val_ids).logits)
+        identical = torch.equal(fresh(input_ids=val[0]).logits, model(input_ids=val[0]).logits)
     base_params = sum(p.numel() for p in fresh.parameters()) - adapter.num_parameters()
     return DemoResult(
         loss_before=loss0,

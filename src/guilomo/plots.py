@@ -52,12 +52,6 @@ def _kind_key(kind: str) -> tuple[int, str]:
     return (KIND_ORDER.index(_last(kind)) if _last(kind) in KIND_ORDER else len(KIND_ORDER), kind)
 
 
-def _prefix_tag(prefix: str) -> str:
-    """A short tag for a module prefix (``model.vision.encoder.`` -> ``encoder``)."""
-    parts = [p for p in prefix.split(".") if p]
-    return parts[-1] if parts else "layers"
-
-
 class _Layout:
     """Where each module of a list goes: its layer column, projection-kind row and label."""
 
@@ -76,24 +70,23 @@ class _Layout:
         self.columns: list[tuple[str, int]] = sorted(set(self.column.values()))
         self.kinds: list[str] = sorted(set(self.kind.values()), key=_kind_key)
         # Modules in reading order: layer by layer, kinds in row order, then the rest.
-        self.ordered = sorted(
-            layered, key=lambda n: (self.column[n], _kind_key(self.kind[n]))
-        ) + list(self.unlayered)
+        order = sorted(layered, key=lambda n: (self.column[n], _kind_key(self.kind[n])))
+        self.ordered = order + self.unlayered
 
     def kind_of(self, name: str) -> str:
         return self.kind.get(name, _last(name))
 
-    def column_label(self, col: tuple[str, int]) -> str:
-        prefix, layer = col
-        return f"{_prefix_tag(prefix)}.{layer}" if self.multi_prefix else str(layer)
+    def tag(self, prefix: str) -> str:
+        """``encoder.`` for ``model.vision.encoder.`` when the modules have several prefixes."""
+        parts = [p for p in prefix.split(".") if p]
+        return f"{parts[-1] if parts else 'layers'}." if self.multi_prefix else ""
 
     def module_label(self, name: str) -> str:
         """Compact label: ``L3.q_proj`` (the full name for modules outside decoder layers)."""
         if name not in self.column:
             return name
         prefix, layer = self.column[name]
-        tag = f"{_prefix_tag(prefix)}." if self.multi_prefix else ""
-        return f"{tag}L{layer}.{self.kind[name]}"
+        return f"{self.tag(prefix)}L{layer}.{self.kind[name]}"
 
 
 # -- the matrices ----------------------------------------------------------------------------
@@ -103,7 +96,7 @@ def _module_grid(values: Mapping[str, float]) -> tuple[list[str], list[str], np.
     lay = _Layout(list(values))
     extra_rows = {_last(n) for n in lay.unlayered} - set(lay.kinds)
     rows = lay.kinds + sorted(extra_rows, key=_kind_key)
-    cols = [lay.column_label(c) for c in lay.columns] + lay.unlayered
+    cols = [f"{lay.tag(prefix)}{layer}" for prefix, layer in lay.columns] + lay.unlayered
     col_index = {c: j for j, c in enumerate([*lay.columns, *lay.unlayered])}
     grid = np.full((len(rows), len(cols)), np.nan)
     for name, v in values.items():
@@ -136,7 +129,7 @@ def _heatmap(
     grid: np.ndarray,
     row_labels: Sequence[str],
     col_labels: Sequence[str],
-    cbar_label: str,
+    unit: str,
     *,
     max_cols: int = ANNOTATE_MAX_COLS,
     fmt: Callable[[float], str] = "{:g}".format,
@@ -151,14 +144,14 @@ def _heatmap(
         im.set_clim(values.min() - 1, values.max() + 1)
     integer = bool(values.size) and np.allclose(values % 1, 0)
     ticks = MaxNLocator(integer=True) if integer else None
-    fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, ticks=ticks).set_label(cbar_label)
+    fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, ticks=ticks).set_label(unit)
 
     n_rows, n_cols = grid.shape
     # Thin the tick labels so they stay about 0.11 in apart (rows) / 0.3 in apart (columns).
-    height_in = ax.get_position().height * fig.get_figheight()
-    width_in = ax.get_position().width * fig.get_figwidth()
-    row_step = max(1, math.ceil(n_rows * 0.11 / max(height_in, 1e-6)))
-    col_step = max(1, math.ceil(n_cols * max(map(len, col_labels), default=1) * 0.08 / width_in))
+    box = ax.get_position()
+    row_step = max(1, math.ceil(n_rows * 0.11 / max(box.height * fig.get_figheight(), 1e-6)))
+    col_width = max(map(len, col_labels), default=1) * 0.08
+    col_step = max(1, math.ceil(n_cols * col_width / (box.width * fig.get_figwidth())))
     ax.set_yticks(range(0, n_rows, row_step), [row_labels[i] for i in range(0, n_rows, row_step)])
     ax.set_xticks(range(0, n_cols, col_step), [col_labels[j] for j in range(0, n_cols, col_step)])
     ax.tick_params(axis="y", labelsize=7 if n_rows > 20 else 9)
@@ -167,11 +160,10 @@ def _heatmap(
         plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
     if n_cols > max_cols or n_rows > 60:
         return
-    lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
     for (i, j), v in np.ndenumerate(grid):
         if not np.isnan(v):
-            bright = hi > lo and (v - lo) / (hi - lo) > 0.6
-            color, size = "black" if bright else "white", 7 if n_cols > 16 else 8
+            color = "black" if im.norm(v) > 0.6 else "white"  # dark text on the bright cells
+            size = 7 if n_cols > 16 else 8
             ax.text(j, i, fmt(v), ha="center", va="center", fontsize=size, color=color)
 
 
@@ -179,14 +171,13 @@ def _per_expert(
     labels: Sequence[str],
     grid: np.ndarray,
     path: Path,
-    *,
     title: str,
     unit: str,
     max_cols: int = ANNOTATE_MAX_COLS,
 ) -> Path:
     """A module x expert heatmap, one row per module."""
     height = min(MAX_INCHES, max(3.0, ROW_INCHES * len(labels) + 1.6))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * grid.shape[1] + 3.5), height), dpi=DPI)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * grid.shape[1] + 3.5), height))
     _heatmap(ax, grid, labels, [str(j) for j in range(grid.shape[1])], unit, max_cols=max_cols)
     ax.set(title=title, xlabel="expert", ylabel="module")
     return _save(fig, path)
@@ -207,15 +198,12 @@ def allocation_heatmaps(alloc: Allocation, out_dir: Path) -> list[Path]:
     ``allocation_ranks.png`` (the rank of every expert of every module); returns their paths."""
     rows, cols, grid = experts_grid(alloc)
     size = (min(MAX_INCHES, max(5.0, 0.38 * len(cols) + 2.5)), max(2.8, 0.4 * len(rows) + 1.6))
-    fig, ax = plt.subplots(figsize=size, dpi=DPI)
+    fig, ax = plt.subplots(figsize=size)
     _heatmap(ax, grid, rows, cols, "experts")
     ax.set(title="Experts per module", xlabel="decoder layer", ylabel="projection")
     experts_png = _save(fig, Path(out_dir) / "allocation_experts.png")
-    labels, ranks = ranks_grid(alloc)
-    ranks_png = _per_expert(
-        labels, ranks, Path(out_dir) / "allocation_ranks.png", title="Rank per expert", unit="rank"
-    )
-    return [experts_png, ranks_png]
+    ranks_png = Path(out_dir) / "allocation_ranks.png"
+    return [experts_png, _per_expert(*ranks_grid(alloc), ranks_png, "Rank per expert", "rank")]
 
 
 # -- a search's history ----------------------------------------------------------------------
@@ -322,21 +310,21 @@ def capacity_series(
     names, steps, g_e, g_r = _history(doc, tensors, where)
     settings = SearchSettings.of(doc)
     n_exp, r_exp = expected_capacity(g_e, g_r, settings)  # (S, M) each
-    kind = [_Layout(names).kind_of(n) for n in names]
-    kinds = sorted(set(kind), key=_kind_key)
-    members = [[i for i, k in enumerate(kind) if k == kk] for kk in kinds]
+    layout = _Layout(names)
+    kind = np.array([layout.kind_of(n) for n in names])
+    kinds = sorted(set(kind.tolist()), key=_kind_key)
     changed, count_changed = changed_shares(*selected_modes(g_e, g_r, settings))
     return CapacitySeries(
         steps=steps,
         kinds=kinds,
-        experts=np.stack([n_exp[:, idx].mean(-1) for idx in members]),
-        rank=np.stack([r_exp[:, idx].mean(-1) for idx in members]),
+        settings=settings,
+        experts=np.stack([n_exp[:, kind == k].mean(-1) for k in kinds]),
+        rank=np.stack([r_exp[:, kind == k].mean(-1) for k in kinds]),
         all_experts=n_exp.mean(-1),
         all_rank=r_exp.mean(-1),
         changed=changed,
         count_changed=count_changed,
         settled=settle_step(steps, changed),
-        settings=settings,
     )
 
 
@@ -353,10 +341,20 @@ def final_grids(
 
 
 # -- drawing a search ------------------------------------------------------------------------
+def _steps_axes(ax: Axes) -> None:
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _marker(n: int) -> str | None:
+    return "." if n <= 50 else None
+
+
 def _capacity_figure(c: CapacitySeries) -> Figure:
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), dpi=DPI)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     cmap = plt.get_cmap("tab10" if len(c.kinds) <= 10 else "tab20")
-    marker = "." if len(c.steps) <= 50 else None
+    marker = _marker(len(c.steps))
     word = "Expected" if c.settings.estimator == "expected" else "Selected"
     for ax, per_kind, overall, title, ylabel in (
         (axes[0], c.experts, c.all_experts, f"{word} experts per module", "experts"),
@@ -370,21 +368,16 @@ def _capacity_figure(c: CapacitySeries) -> Figure:
 
     ax = axes[2]
     ax.plot(c.steps, 100 * c.changed, color="tab:red", marker=marker, label="allocation")
-    ax.plot(
-        c.steps, 100 * c.count_changed, color="tab:blue", ls="--", marker=marker, label="experts"
-    )
-    ax.set_ylim(-3, 103)
+    ax.plot(c.steps, 100 * c.count_changed, "--", color="tab:blue", marker=marker, label="experts")
+    status = "not settled (changed at the last logged step)"
     if c.settled is not None:
         ax.axvline(c.settled, color="gray", ls=":", lw=1.2, label=f"settled: step {c.settled}")
         status = f"settled at step {c.settled}"
-    else:
-        status = "not settled (changed at the last logged step)"
-    ax.set(title=f"Modules whose selection differs from the final\n{status}", ylabel="% of modules")
+    title = f"Modules whose selection differs from the final\n{status}"
+    ax.set(title=title, ylabel="% of modules", ylim=(-3, 103))
     ax.legend(fontsize=8, loc="best")
     for ax in axes:
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+        _steps_axes(ax)
     s = c.settings
     fig.suptitle(f"GSV search: where capacity went ({s.estimator} estimator, top_k {s.top_k})")
     fig.tight_layout()
@@ -397,7 +390,7 @@ def _final_figure(
     n_rows, n_cols = experts.shape
     width = max(3.6, 0.62 * n_cols + 2.4)
     height = min(FINAL_MAX_INCHES, max(3.5, 0.26 * n_rows + 1.8))
-    fig, axes = plt.subplots(1, 2, figsize=(2 * width, height), dpi=DPI)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width, height))
     fig.subplots_adjust(top=1 - 0.65 / height, wspace=0.3)  # room for the titles, no more
     short = [k.removesuffix("_proj") for k in kinds]  # q, k, v, o, gate, up, down
     _heatmap(axes[0], experts, layers, short, "experts")
@@ -408,44 +401,35 @@ def _final_figure(
     return fig
 
 
-def _plot_logged(ax: Axes, losses: Sequence[Mapping], series: Sequence[tuple[str, ...]]) -> None:
-    """One line per (key, label, line style): the steps where the key was logged."""
-    for key, label, ls in series:
-        pts = [(e["step"], e[key]) for e in losses if e.get(key) is not None and "step" in e]
-        if pts:
-            ax.plot(
-                *zip(*pts, strict=True), ls=ls, label=label, marker="." if len(pts) <= 50 else None
-            )
-    ax.grid(alpha=0.3)
-
-
 def _loss_figure(losses: Sequence[Mapping], target: int | None) -> Figure:
+    """The search's losses and, when logged, its expected / selected parameter counts below."""
+    panels = [(("train_loss", "train", "-"), ("val_loss", "val", "-"))]
     sizes = (("expected_params", "expected", "-"), ("mode_params", "selected", "--"))
-    if not any(e.get(k) is not None for e in losses for k, _, _ in sizes):
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=DPI)
-        ax.set_xlabel("step")
-        _loss_axes(ax, losses)
-        return fig
-    fig, (ax, ax_p) = plt.subplots(
-        2, 1, figsize=(7, 6.5), dpi=DPI, sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    if any(e.get(k) is not None for e in losses for k, _, _ in sizes):
+        panels.append(sizes)
+    n = len(panels)
+    fig, axes = plt.subplots(  # 4 in high for the losses alone, 6.5 with the parameters
+        n, 1, figsize=(7, 2.5 * n + 1.5), sharex=True, squeeze=False, height_ratios=[3, 2][:n]
     )
-    _loss_axes(ax, losses)
-    _plot_logged(ax_p, losses, sizes)
-    if target is not None:
-        ax_p.axhline(target, color="black", ls=":", lw=1.2, label=f"target {target:,}")
-    ax_p.set_title("Trainable parameters (expected / selected)", fontsize=10)
-    ax_p.set(xlabel="step", ylabel="parameters")
-    if ax_p.get_legend_handles_labels()[0]:
-        ax_p.legend(fontsize=8)
+    axes = axes[:, 0]
+    for ax, series in zip(axes, panels, strict=True):
+        for key, label, ls in series:  # the steps where the key was logged
+            pts = [(e["step"], e[key]) for e in losses if e.get(key) is not None and "step" in e]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), ls=ls, label=label, marker=_marker(len(pts)))
+        ax.grid(alpha=0.3)
+    axes[0].set(title="Search loss", ylabel="loss")
+    if len(axes) > 1:
+        if target is not None:
+            axes[1].axhline(target, color="black", ls=":", lw=1.2, label=f"target {target:,}")
+        axes[1].set_title("Trainable parameters (expected / selected)", fontsize=10)
+        axes[1].set(ylabel="parameters")
+    axes[-1].set_xlabel("step")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def _loss_axes(ax: Axes, losses: Sequence[Mapping]) -> None:
-    _plot_logged(ax, losses, (("train_loss", "train", "-"), ("val_loss", "val", "-")))
-    ax.set(title="Search loss", ylabel="loss")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
 
 
 def gsv_trajectories(
@@ -457,10 +441,8 @@ def gsv_trajectories(
     series = capacity_series(doc, tensors, where=where)  # checks the history first
     final = final_grids(doc, tensors, where=where)
     out = Path(out_dir)
-    written = [
-        _save(_capacity_figure(series), out / "search_capacity.png"),
-        _save(_final_figure(*final), out / "search_final.png"),
-    ]
+    written = [_save(_capacity_figure(series), out / "search_capacity.png")]
+    written.append(_save(_final_figure(*final), out / "search_final.png"))
     if doc.get("losses"):
         loss = _loss_figure(doc["losses"], doc.get("target_params"))
         written.append(_save(loss, out / "search_loss.png"))
@@ -469,11 +451,10 @@ def gsv_trajectories(
 
 def loss_curve(losses: Sequence[float], path: Path, *, title: str = "SFT loss") -> Path:
     """Training loss per optimizer step (``sft_loss.png``)."""
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=DPI)
-    ax.plot(range(1, len(losses) + 1), list(losses), marker="." if len(losses) <= 50 else None)
-    ax.set(title=title, xlabel="step", ylabel="loss")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(losses) + 1), list(losses), marker=_marker(len(losses)))
+    ax.set(title=title, ylabel="loss")
+    _steps_axes(ax)
     return _save(fig, path)
 
 
@@ -483,5 +464,4 @@ def expert_load(stats: dict[str, Sequence[float]], path: Path) -> Path:
     if not stats:
         raise ValueError("no router statistics to plot (the adapter routed no tokens)")
     labels, grid = _module_rows(stats)
-    title = "Expert load (share of routed tokens)"
-    return _per_expert(labels, grid, path, title=title, unit="share", max_cols=16)
+    return _per_expert(labels, grid, path, "Expert load (share of routed tokens)", "share", 16)

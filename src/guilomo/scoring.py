@@ -1,18 +1,15 @@
 """Log-likelihood scoring of (context, continuation) pairs, as lm-evaluation-harness scores
-them, with each context computed once for all its continuations.
-
-One pass over a batch of left-padded contexts returns their KV cache and the first
-continuation token's logits; the continuations then run against that cache, so a long passage
-(SciQ, BoolQ) costs one pass, not one per option. Padding and positions are explicit: the
-result equals one forward over each pair alone, to float tolerance.
-"""
+them, with each context computed once for all its continuations: one pass over a batch of
+left-padded contexts returns their KV cache and the first continuation token's logits; the
+continuations then run against that cache, so a long passage (SciQ, BoolQ) costs one pass, not
+one per option. Padding and positions are explicit: the result equals one forward over each
+pair alone, to float tolerance."""
 
 from __future__ import annotations
 
 import copy
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,9 +28,8 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> Pair:
     whole text's tokens past the context's token count."""
     if not context:
         raise ValueError("an empty context leaves nothing to condition the continuation on")
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped) :] + continuation
     ctx = encode(tokenizer, context)
     cont = encode(tokenizer, context + continuation)[len(ctx) :]
     if not cont:
@@ -53,43 +49,26 @@ def pad_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask) of token lists padded with `pad` to the longest, left or right."""
     width = max(len(s) for s in seqs)
-
-    def padded(row: list[int], fill: int) -> list[int]:
-        extra = [fill] * (width - len(row))
-        return extra + row if left else row + extra
-
-    ids = [padded(list(s), pad) for s in seqs]
-    mask = [padded([1] * len(s), 0) for s in seqs]
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, cols] = torch.tensor(list(s), dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    param = next(model.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
 
 
 def _forward_names(model: torch.nn.Module) -> tuple[str | None, str]:
-    """The names `model.forward` gives its "logits of the last positions only" argument
-    (None if it has none) and its KV cache (transformers 5.24 renamed `past_key_values`
-    to `cache`)."""
+    """The names `model.forward` gives its "logits of the last positions only" argument (None
+    if it has none) and its KV cache (transformers 5.24 renamed `past_key_values` to `cache`)."""
     params = inspect.signature(model.forward).parameters
     keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
     return keep, "cache" if "cache" in params else "past_key_values"
-
-
-@dataclass
-class _Scoring:
-    """What both passes of a batch share; `scores` is filled in place."""
-
-    model: torch.nn.Module
-    pairs: Sequence[Pair]
-    scores: list[float]
-    pad: int
-    device: torch.device
-    keep: str | None  # the forward's "logits of the last positions only" argument
-    cache_name: str
 
 
 @torch.no_grad()
@@ -103,9 +82,7 @@ def loglikelihoods(
 ) -> list[float]:
     """The summed log-probability of each pair's continuation given its context; `batch_size`
     counts contexts per pass. The model is used as it is (call `.eval()` first)."""
-    run = _Scoring(
-        model, pairs, [0.0] * len(pairs), pad, model_device(model), *_forward_names(model)
-    )
+    run = _Scoring(model, pairs, pad)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(pairs):
         groups.setdefault(tuple(ctx), []).append(i)
@@ -117,64 +94,67 @@ def loglikelihoods(
         for start in range(0, len(contexts), batch_size):
             batch = contexts[start : start + batch_size]
             members = [groups[c] for c in batch]
-            _score_batch(run, batch, members)
+            run.batch(batch, members)
             bar.update(sum(len(m) for m in members))
     return run.scores
 
 
-def _score_batch(
-    run: _Scoring, contexts: Sequence[tuple[int, ...]], members: Sequence[list[int]]
-) -> None:
-    pairs, device = run.pairs, run.device
-    # 1. The contexts, left-padded so every last token sits in the last column.
-    ids, mask = pad_batch(contexts, run.pad)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-    kwargs: dict[str, Any] = {run.keep: 1} if run.keep else {}
-    out = run.model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs
-    )
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (G, V): continuation token 0
-    rows = [(g, i) for g, m in enumerate(members) for i in m]
-    for g, i in rows:
-        run.scores[i] = float(first[g, pairs[i][1][0]])
+class _Scoring:
+    """One `loglikelihoods` call: what both passes of a batch share; `scores` fills in place."""
 
-    # 2. Every continuation longer than one token, against its context's cache: it reads its
-    # tokens but the last, which predict its tokens from the second on. Longest first, in
-    # chunks of `len(contexts)` rows, so one long option does not pad all the others.
-    longer = sorted(
-        ((g, i) for g, i in rows if len(pairs[i][1]) > 1), key=lambda gi: -len(pairs[gi[1]][1])
-    )
-    chunks = [longer[k : k + len(contexts)] for k in range(0, len(longer), len(contexts))]
-    cache = out[run.cache_name]
-    for n, chunk in enumerate(chunks):
-        # one copy of its context's keys and values per continuation (the last chunk may
-        # reorder the cache itself)
-        view = cache if n == len(chunks) - 1 else copy.deepcopy(cache)
-        _score_continuations(run, chunk, view, mask)
+    def __init__(self, model: torch.nn.Module, pairs: Sequence[Pair], pad: int) -> None:
+        self.model, self.pairs, self.pad = model, pairs, pad
+        self.scores, self.device = [0.0] * len(pairs), model_device(model)
+        # the forward's "logits of the last positions only" argument, and its cache's name
+        self.keep, self.cache_name = _forward_names(model)
 
+    def batch(self, contexts: Sequence[tuple[int, ...]], members: Sequence[list[int]]) -> None:
+        pairs, device = self.pairs, self.device
+        # 1. The contexts, left-padded so every last token sits in the last column.
+        ids, mask = pad_batch(contexts, self.pad)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+        keep: dict[str, Any] = {self.keep: 1} if self.keep else {}
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep
+        )
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (G, V): continuation token 0
+        rows = [(g, i) for g, m in enumerate(members) for i in m]
+        for g, i in rows:
+            self.scores[i] = float(first[g, pairs[i][1][0]])
 
-def _score_continuations(
-    run: _Scoring, chunk: Sequence[tuple[int, int]], cache: Any, mask: torch.Tensor
-) -> None:
-    pairs, device = run.pairs, run.device
-    counts = [len(pairs[i][1]) - 1 for _, i in chunk]  # tokens each continuation reads
-    c_ids, c_mask = pad_batch([pairs[i][1][:-1] for _, i in chunk], run.pad, left=False)
-    owner = torch.tensor([g for g, _ in chunk], device=device)
-    cache.reorder_cache(owner)
-    # after each context's own tokens (its mask's count)
-    start = mask[owner].sum(-1, keepdim=True)  # (R, 1)
-    positions = start + torch.arange(c_ids.shape[1], device=device)  # (R, W)
-    logits = run.model(
-        input_ids=c_ids.to(device),
-        attention_mask=torch.cat([mask[owner], c_mask.to(device)], dim=1),
-        position_ids=positions,
-        use_cache=True,
-        **{run.cache_name: cache},
-    ).logits  # (R, W, V)
-    # log p(target) = logit - logsumexp, on the real positions only (no (R, W, V) log-softmax)
-    rows = torch.cat([logits[r, :n] for r, n in enumerate(counts)]).float()  # (K, V)
-    target = torch.tensor([t for _, i in chunk for t in pairs[i][1][1:]], device=device)
-    logp = rows.gather(1, target[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)  # (K,)
-    for (_, i), part in zip(chunk, logp.split(counts), strict=True):
-        run.scores[i] += float(part.sum())
+        # 2. Every continuation longer than one token, against its context's cache: it reads
+        # its tokens but the last, which predict its tokens from the second on. Longest first,
+        # in chunks of `len(contexts)` rows, so one long option does not pad all the others.
+        longer = [(g, i) for g, i in rows if len(pairs[i][1]) > 1]
+        longer.sort(key=lambda gi: -len(pairs[gi[1]][1]))
+        chunks = [longer[k : k + len(contexts)] for k in range(0, len(longer), len(contexts))]
+        cache = out[self.cache_name]
+        for n, chunk in enumerate(chunks):
+            # one copy of its context's keys and values per continuation (the last chunk may
+            # reorder the cache itself)
+            self.continuations(chunk, cache if n == len(chunks) - 1 else copy.deepcopy(cache), mask)
+
+    def continuations(self, chunk: list[tuple[int, int]], cache: Any, mask: torch.Tensor) -> None:
+        pairs, device = self.pairs, self.device
+        counts = [len(pairs[i][1]) - 1 for _, i in chunk]  # tokens each continuation reads
+        c_ids, c_mask = pad_batch([pairs[i][1][:-1] for _, i in chunk], self.pad, left=False)
+        owner = torch.tensor([g for g, _ in chunk], device=device)
+        cache.reorder_cache(owner)
+        # after each context's own tokens (its mask's count)
+        start = mask[owner].sum(-1, keepdim=True)  # (R, 1)
+        positions = start + torch.arange(c_ids.shape[1], device=device)  # (R, W)
+        c_mask = torch.cat([mask[owner], c_mask.to(device)], dim=1)
+        logits = self.model(
+            input_ids=c_ids.to(device),
+            attention_mask=c_mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_name: cache},
+        ).logits  # (R, W, V)
+        # log p(target) = logit - logsumexp, on the real positions only (no (R, W, V) softmax)
+        rows = torch.cat([logits[r, :n] for r, n in enumerate(counts)]).float()  # (K, V)
+        target = torch.tensor([t for _, i in chunk for t in pairs[i][1][1:]], device=device)
+        logp = rows.gather(1, target[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)  # (K,)
+        for (_, i), part in zip(chunk, logp.split(counts), strict=True):
+            self.scores[i] += float(part.sum())

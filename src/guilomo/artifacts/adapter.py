@@ -30,7 +30,12 @@ def write_adapter(
     """Publish at `out` (replacing an earlier adapter there) what `save(folder)` writes,
     with the loss log."""
     with ArtifactWriter(
-        out, kind=KIND, stage="sft", config=config, parents=parents, metadata=metadata,
+        out,
+        kind=KIND,
+        stage="sft",
+        config=config,
+        parents=parents,
+        metadata=metadata,
         overwrite=True,
     ) as tmp:
         save(tmp)

@@ -29,7 +29,12 @@ def write_allocation(
     """Publish `alloc` at `out`; `extra(folder)` may add files (figures) before it is."""
     meta = {**alloc.summary(), "trainable_parameters": parameters}
     with ArtifactWriter(
-        out, kind=KIND, stage="allocate", config=config, parents=parents, metadata=meta,
+        out,
+        kind=KIND,
+        stage="allocate",
+        config=config,
+        parents=parents,
+        metadata=meta,
         overwrite=overwrite,
     ) as tmp:
         (tmp / FILE).write_text(alloc.model_dump_json(indent=2) + "\n")

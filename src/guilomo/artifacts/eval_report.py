@@ -34,7 +34,7 @@ def write_report(
         stage="evaluate",
         config=config,
         parents=parents,
-        metadata=dict(metadata),
+        metadata=metadata,
         overwrite=True,
     ) as tmp:
         (tmp / FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -45,12 +45,7 @@ def write_report(
 
 def read_report(path: str | os.PathLike) -> dict[str, Any]:
     """The report.json of the EvalReport artifact at the local folder `path`, verified
-    (manifest, kind, checksums) first.
-
-    Raises:
-        ArtifactError: naming `path`: not a complete EvalReport, or its report.json is
-            missing, not JSON, or has no 'predictions' list.
-    """
+    (manifest, kind, checksums) first; `ArtifactError` naming the path otherwise."""
     root = Path(path)
     manifest = read_artifact(root, kind=KIND)
     file = root / FILE

@@ -31,7 +31,12 @@ def write_prepared(
 ) -> Path:
     meta = {"counts": {name: len(splits.get(name, ())) for name in SPLITS}, **info}
     with ArtifactWriter(
-        out, kind=KIND, stage="preprocess", config=config, parents=parents, metadata=meta,
+        out,
+        kind=KIND,
+        stage="preprocess",
+        config=config,
+        parents=parents,
+        metadata=meta,
         overwrite=overwrite,
     ) as tmp:
         for name in SPLITS:

@@ -35,9 +35,10 @@ _LENIENT = (
 )
 
 
-# ----------------------------------------------------------------------------- answers
+Records = Sequence[Mapping[str, Any]]
 
 
+# -- answers ---------------------------------------------------------------------------------
 def extract_answer(text: str) -> str | None:
     """The answer letter of a response by ScienceQA's rule, taken literally: exactly one match
     of `ANSWER_PATTERN` gives its letter; none or several (even agreeing) give None. So "the
@@ -47,9 +48,8 @@ def extract_answer(text: str) -> str | None:
 
 
 def lenient_answer(text: str) -> str | None:
-    """The letter a lenient reader takes from a response the strict rule may reject:
-    "the answer is (B)", "The answer is: B", "(B) heat", "B) heat", "B". None when no
-    pattern or more than one distinct letter matches."""
+    """The letter a lenient reader takes from a response the strict rule may reject; None when
+    no pattern or more than one distinct letter matches."""
     for pattern in _LENIENT:
         found = {"".join(m) if isinstance(m, tuple) else m for m in pattern.findall(text)}
         if found:
@@ -57,9 +57,7 @@ def lenient_answer(text: str) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------- generate
-
-
+# -- generate --------------------------------------------------------------------------------
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     gen = getattr(model, "generation_config", None)
     values = (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id)
@@ -68,14 +66,9 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
 
 
 def _generate(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    records: Sequence[Mapping[str, Any]],
-    config: EvalConfig,
-    response_split: str | None,
-    progress: bool,
+    model: torch.nn.Module, tokenizer: Any, records: Records, config: EvalConfig, progress: bool
 ) -> list[str]:
-    """The response text of every record (greedy, batched with left padding)."""
+    """The generated text of every record (greedy, batched with left padding)."""
     from transformers import GenerationConfig
 
     prompts = [encode(tokenizer, r["prompt"]) for r in records]
@@ -91,7 +84,7 @@ def _generate(
     device = model_device(model)
     # Longest first: similar lengths share a batch (less padding), and memory peaks early.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    responses = [""] * len(prompts)
+    texts = [""] * len(prompts)
     starts = range(0, len(order), config.batch_size)
     for start in tqdm(starts, desc="evaluate", disable=not progress):
         batch = order[start : start + config.batch_size]
@@ -102,24 +95,16 @@ def _generate(
         for row, i in enumerate(batch):
             new = out[row, ids.shape[1] :].tolist()
             stop = next((k for k, t in enumerate(new) if t in eos), len(new))
-            text = tokenizer.decode(new[:stop], skip_special_tokens=True)
-            # As the reference's split on the response marker: text before any marker the
-            # model generates itself.
-            responses[i] = (text.split(response_split)[0] if response_split else text).strip()
-    return responses
+            texts[i] = tokenizer.decode(new[:stop], skip_special_tokens=True)
+    return texts
 
 
-def _evaluate_generate(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    records: Sequence[Mapping[str, Any]],
-    config: EvalConfig,
-    response_split: str | None,
-    progress: bool,
-) -> dict[str, Any]:
-    responses = _generate(model, tokenizer, records, config, response_split, progress)
+def _read_responses(records: Records, texts: Sequence[str], split: str | None) -> dict[str, Any]:
     predictions = []
-    for i, (r, response) in enumerate(zip(records, responses, strict=True)):
+    for i, (r, text) in enumerate(zip(records, texts, strict=True)):
+        # As the reference's split on the response marker: text before any marker the model
+        # generates itself.
+        response = (text.split(split)[0] if split else text).strip()
         pred = extract_answer(response)
         lenient = lenient_answer(response) if pred is None else pred
         predictions.append(_prediction(r, i, pred) | {"lenient": lenient, "response": response})
@@ -135,38 +120,26 @@ def _evaluate_generate(
     return summary | {"failures": len(rejected), "lenient": lenient, "predictions": predictions}
 
 
-# ----------------------------------------------------------------------------- log-lik
-
-
-def _evaluate_loglik(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    records: Sequence[Mapping[str, Any]],
-    config: EvalConfig,
-    response_split: str | None,  # generations only
-    progress: bool,
+# -- log-likelihood --------------------------------------------------------------------------
+def _score_options(
+    model: torch.nn.Module, tokenizer: Any, records: Records, config: EvalConfig, progress: bool
 ) -> dict[str, Any]:
-    pairs, owner = [], []
+    pairs = []
     for i, r in enumerate(records):
-        for context, continuation in scored_pairs(r):
-            try:
-                pairs.append(encode_pair(tokenizer, context, continuation))
-            except ValueError as err:
-                raise ValueError(f"record {_record_id(r, i)}: {err}") from None
-            owner.append(i)
-    scores = loglikelihoods(
-        model, pairs, pad=pad_id(tokenizer), batch_size=config.batch_size, progress=progress
-    )
-    per_record: list[list[float]] = [[] for _ in records]
-    for i, s in zip(owner, scores, strict=True):
-        per_record[i].append(s)
+        try:
+            pairs += [encode_pair(tokenizer, ctx, cont) for ctx, cont in scored_pairs(r)]
+        except ValueError as err:
+            raise ValueError(f"record {_record_id(r, i)}: {err}") from None
+    pad, size = pad_id(tokenizer), config.batch_size
+    scores = iter(loglikelihoods(model, pairs, pad=pad, batch_size=size, progress=progress))
     predictions = []
-    for i, (r, lls) in enumerate(zip(records, per_record, strict=True)):
+    for i, r in enumerate(records):
+        lls = [next(scores) for _ in r["choices"]]  # one pair per option, in option order
         # per character of the option text, not of the delimiter (the harness's acc_norm)
         norm = [ll / len(text) for ll, text in zip(lls, r["choices"], strict=True)]
-        pred_norm = LETTERS[_argmax(norm)]
+        pred_norm = LETTERS[norm.index(max(norm))]  # index: ties go to the earliest option
         predictions.append(
-            _prediction(r, i, LETTERS[_argmax(lls)])
+            _prediction(r, i, LETTERS[lls.index(max(lls))])
             | {"prediction_norm": pred_norm, "correct_norm": pred_norm == r["answer"]}
             | {"scores": lls, "scores_norm": norm}
         )
@@ -180,14 +153,7 @@ def _evaluate_loglik(
     }
 
 
-def _argmax(values: Sequence[float]) -> int:
-    """The index of the largest value; ties go to the earliest option."""
-    return max(range(len(values)), key=lambda j: (values[j], -j))
-
-
-# ------------------------------------------------------------------------------ evaluate
-
-
+# -- evaluate --------------------------------------------------------------------------------
 def _record_id(record: Mapping[str, Any], index: int) -> str:
     return str(record.get("id", f"#{index}"))
 
@@ -198,7 +164,7 @@ def _prediction(record: Mapping[str, Any], index: int, pred: str | None) -> dict
     return {"id": rid, "answer": answer, "prediction": pred, "correct": pred == answer}
 
 
-def _check_records(records: Sequence[Mapping[str, Any]], formulation: Formulation) -> None:
+def _check_records(records: Records, formulation: Formulation) -> None:
     if not records:
         raise ValueError("no records to evaluate (the split is empty or limit is 0)")
     for i, r in enumerate(records):
@@ -221,9 +187,7 @@ def _check_records(records: Sequence[Mapping[str, Any]], formulation: Formulatio
             )
 
 
-def _breakdown(
-    records: Sequence[Mapping[str, Any]], correct: Sequence[bool], key: str
-) -> dict[str, dict[str, Any]]:
+def _breakdown(records: Records, correct: Sequence[bool], key: str) -> dict[str, dict[str, Any]]:
     """Accuracy per value of `key` (subject, source), with intervals."""
     groups = [str(r.get(key) or "(none)") for r in records]
     right = Counter(g for g, ok in zip(groups, correct, strict=True) if ok)
@@ -240,9 +204,7 @@ def _columns(predictions: Sequence[Mapping[str, Any]], suffix: str = "") -> tupl
     return tuple([p[k] for p in predictions] for k in keys)
 
 
-def _summary(
-    records: Sequence[Mapping[str, Any]], predictions: list[dict[str, Any]]
-) -> dict[str, Any]:
+def _summary(records: Records, predictions: list[dict[str, Any]]) -> dict[str, Any]:
     correct, *rest = _columns(predictions)
     report = summarise(correct, *rest)
     if any(r.get("subject") for r in records):
@@ -255,7 +217,7 @@ def _summary(
 def evaluate(
     model: torch.nn.Module,
     tokenizer: Any,
-    records: Sequence[Mapping[str, Any]],
+    records: Records,
     config: EvalConfig,
     *,
     formulation: Formulation,
@@ -272,16 +234,17 @@ def evaluate(
     model.eval()
     try:
         with torch.no_grad():
-            score = _evaluate_generate if formulation == "generate" else _evaluate_loglik
-            report = score(model, tokenizer, records, config, response_split, progress)
+            if formulation == "generate":
+                texts = _generate(model, tokenizer, records, config, progress)
+                report = _read_responses(records, texts, response_split)
+            else:
+                report = _score_options(model, tokenizer, records, config, progress)
     finally:
         model.train(was_training)
     return {"formulation": formulation, "split": config.split, **report}
 
 
-# ------------------------------------------------------------------------------- stage
-
-
+# -- stage -----------------------------------------------------------------------------------
 def run_evaluate(
     config: EvalConfig,
     *,
@@ -311,9 +274,15 @@ def run_evaluate(
 
         moe = load_adapter(model, Path(adapter))
         moe.reset_router_stats()
-    split = info.get("response_split")
-    kw = {"formulation": info["formulation"], "response_split": split, "progress": progress}
-    report = evaluate(model, tokenizer, records, config, **kw)
+    report = evaluate(
+        model,
+        tokenizer,
+        records,
+        config,
+        formulation=info["formulation"],
+        response_split=info.get("response_split"),
+        progress=progress,
+    )
     if moe is not None:  # per module, the share of routed tokens each expert received
         report["expert_load"] = moe.router_stats()
 
@@ -326,9 +295,7 @@ def run_evaluate(
     # the report's summary for the manifest (and the base model's identity, if loaded)
     meta = {key: report[key] for key in ("formulation", "accuracy", "ci95", "total")}
     meta["majority_baseline"] = report["majority_baseline"]["accuracy"]
-    meta["adapter"] = adapter is not None
-    if base:
-        meta["base_model"] = base
+    meta |= {"adapter": adapter is not None} | ({"base_model": base} if base else {})
     meta |= {key: report[key] for key in ("acc_norm", "failures") if key in report}
     write_report(out, report, metadata=meta, config=config, parents=parents, extra=plots)
     return report
@@ -337,10 +304,9 @@ def run_evaluate(
 def report_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a report worth a metric: accuracy and its interval, N, the majority
     baseline, and acc_norm (rc, mc) or the failures and lenient count (generate)."""
-    lo, hi = report["ci95"]
+    (lo, hi), base = report["ci95"], report["majority_baseline"]["accuracy"]
     metrics = {"accuracy": report["accuracy"], "accuracy_ci95_low": lo, "accuracy_ci95_high": hi}
-    metrics["total"] = report["total"]
-    metrics["majority_baseline"] = report["majority_baseline"]["accuracy"]
+    metrics |= {"total": report["total"], "majority_baseline": base}
     if "acc_norm" in report:
         metrics["acc_norm"] = report["acc_norm"]
         metrics["acc_norm_ci95_low"], metrics["acc_norm_ci95_high"] = report["acc_norm_ci95"]
@@ -353,10 +319,8 @@ def report_metrics(report: Mapping[str, Any]) -> dict[str, float]:
 def headline(report: Mapping[str, Any]) -> str:
     """One line: accuracy [interval] (N, formulation), acc_norm, the majority baseline."""
     lo, hi = report["ci95"]
-    text = (
-        f"accuracy {report['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] "
-        f"(N={report['total']}, {report['formulation']})"
-    )
+    text = f"accuracy {report['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] "
+    text += f"(N={report['total']}, {report['formulation']})"
     if "acc_norm" in report:
         nlo, nhi = report["acc_norm_ci95"]
         text += f", acc_norm {report['acc_norm']:.1%} [{nlo:.1%}, {nhi:.1%}]"
