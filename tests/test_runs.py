@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from conftest import tiny_llama, tiny_tokenizer
 from guilomo.artifacts import read_artifact
 from guilomo.runs import RunConfig, load_run_config
+from guilomo.threads import thread_count
 from guilomo.tracking import stage_records
 from servers import MlflowServer, free_ports
 
@@ -205,6 +206,13 @@ def test_run_rerun_and_lineage_tracked_on_a_real_mlflow_server(tmp_path, tiny, s
 
     sft = kids["sft"]
     assert sft.data.params["max_steps"] == "3"
+    threads, source = thread_count()  # the same machine and environment as the task's
+    for stage in ("search", "sft", "evaluate"):
+        params = kids[stage].data.params
+        assert (params["runtime.threads"], params["runtime.threads_source"]) == (
+            str(threads),
+            source,
+        )
     assert len(client.get_metric_history(sft.info.run_id, "loss")) == 3
     dataset_uri = kids["preprocess"].data.tags["guilomo.output.dataset"]
     alloc_uri = kids["allocate"].data.tags["guilomo.output.allocation"]

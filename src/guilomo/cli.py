@@ -56,20 +56,17 @@ def _add_config_options(parser: argparse.ArgumentParser, model: type[BaseModel])
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             for sub, f in ann.model_fields.items():
-                text = textwrap.fill(
-                    _help(f), 88, initial_indent=" " * 6, subsequent_indent=" " * 6
-                )
+                text = textwrap.indent(textwrap.fill(_help(f), 82), " " * 6)
                 nested.append(f"  {name}.{sub}=VALUE\n{text}")
             continue
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
-        args = [a for a in get_args(ann) if a is not type(None)]
-        if get_origin(ann) is Literal or (args and get_origin(args[0]) is Literal):
-            kw["choices"] = [
-                str(c) for c in get_args(ann if get_origin(ann) is Literal else args[0])
-            ]
+        # X of an optional `X | None`, or the Literal itself
+        inner = ann if get_origin(ann) is Literal else next(iter(get_args(ann)), None)
+        if get_origin(inner) is Literal:
+            kw["choices"] = [str(c) for c in get_args(inner)]
         if get_origin(ann) in (list, tuple):
             kw["nargs"] = "+" if get_origin(ann) is list else len(get_args(ann))
-        if args and get_origin(args[0]) is dict:
+        if get_origin(inner) is dict:
             kw |= {"nargs": "+", "metavar": "KEY=VALUE"}
         parser.add_argument(
             "--" + name.replace("_", "-"), help=_help(field).replace("%", "%%"), **kw
@@ -287,9 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_parsers(sub)
     from .cli_runs import add_run_parsers
     from .images import add_image_parsers
+    from .memory import add_memory_parser
 
     add_run_parsers(sub)
     add_image_parsers(sub)
+    add_memory_parser(sub)
     compile_ = sub.add_parser(
         "compile",
         help="write the KFP component and pipeline YAML",

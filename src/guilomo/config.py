@@ -224,6 +224,17 @@ class SearchConfig(_Config):
     seed: int = Field(0, description="Seeds GSV init, data order and dropout.")
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
     history_every: int = Field(1, ge=1, description="Steps between GSV history rows.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward: "
+        "less memory for more time (first order only).",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads; default OMP_NUM_THREADS, else the CPUs this "
+        "process may use (its affinity and cgroup quota).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:
@@ -242,6 +253,11 @@ class SearchConfig(_Config):
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) is not below steps ({self.steps}): the "
                 "LoRA learning rate would never leave its warm-up; lower --warmup-steps"
+            )
+        if self.gradient_checkpointing and self.order == "second":
+            raise ValueError(
+                "gradient_checkpointing supports order 'first' only: the second order's "
+                "virtual weights are gone when the backward recomputes; drop one of the two"
             )
         if self.gsv_start >= self.steps:
             raise ValueError(
@@ -344,6 +360,17 @@ class SftConfig(_Config):
         "processes (PyTorch FSDP2) for bases that do not fit one GPU. Same result and "
         "checkpoints either way; ignored for one process.",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward: "
+        "less memory for more time (transformers' own, non-reentrant).",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads; default OMP_NUM_THREADS, else the CPUs this "
+        "process may use (its affinity and cgroup quota).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SftConfig:
@@ -374,3 +401,9 @@ class EvalConfig(_Config):
         None, ge=1, description="Evaluate only the first N records of the split."
     )
     base_model: str = Field("smollm2-135m", description="Model folder, hub id or smollm2-135m.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads; default OMP_NUM_THREADS, else the CPUs this "
+        "process may use (its affinity and cgroup quota).",
+    )

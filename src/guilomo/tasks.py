@@ -155,6 +155,7 @@ def _record(tr: StageTracker, spec: Any, cfg: Any, metrics: dict, out: Io, ctx: 
     from .artifacts import read_artifact
 
     tr.log_tags(ctx.tags)
+    tr.log_params({f"runtime.{k}": v for k, v in ctx.params.items()})
     model = tr.input_models.get("adapter")
     tr.log_metrics(metrics, model_id=model, dataset="dataset" if model else None)
     name, kind = spec.output

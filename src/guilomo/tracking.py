@@ -464,6 +464,12 @@ class StageTracker:
         _log_batch(self._client, self.run_id, tags=tags)
 
     @_tracked
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Add params found at run time (e.g. `runtime.threads`; MLflow params never change,
+        so these take names the config's params do not have)."""
+        _log_batch(self._client, self.run_id, params=flatten_params(params))
+
+    @_tracked
     def log_output(self, name: str, uri: str) -> None:
         """Record the output artifact `name`: tag `guilomo.output.<name>` = its URI, where a
         complete artifact (its manifest) must be."""

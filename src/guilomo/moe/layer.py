@@ -21,6 +21,8 @@ wrapped model keeps its signature and the trainer adds the auxiliary losses.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,6 +59,17 @@ class RoutingState:
     collect_stats: bool = True
     counts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (E,) selections
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> () valid tokens
+    recomputing: bool = False  # inside activation checkpointing's recomputation
+
+    @contextmanager
+    def recomputation(self) -> Iterator[None]:
+        """The backward's re-run of a checkpointed forward: its routing was recorded (and its
+        losses counted) by the forward already, so nothing is recorded again."""
+        self.recomputing = True
+        try:
+            yield
+        finally:
+            self.recomputing = False
 
     def token_mask(self, lead_shape: tuple[int, ...]) -> torch.Tensor | None:
         """The padding mask flattened to match an input of leading shape `lead_shape`."""
@@ -69,6 +82,8 @@ class RoutingState:
         return mask[:, -t:].reshape(-1).bool()  # the last t positions (generation with cache)
 
     def record(self, name: str, routing: Routing, mask: torch.Tensor | None, lead: tuple) -> None:
+        if self.recomputing:
+            return
         self.records[name] = RoutingRecord(routing, mask, lead)
         if self.collect_stats:
             sel = routing.selected.detach()

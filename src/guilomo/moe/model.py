@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -95,6 +96,7 @@ class MoeAdapter:
         self.config = config
         self.layers = layers
         self.state = state
+        self.search_reader = None  # set by `guilomo.moe.search.inject_search`
         self._hook = model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
 
     def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -109,6 +111,20 @@ class MoeAdapter:
     def aux_loss(self) -> torch.Tensor | None:
         """Weighted auxiliary router losses of the last forward (None when all are off)."""
         return aux_loss(self.state.records.values(), self.config.losses, self.state.task_types)
+
+    def enable_checkpointing(self) -> None:
+        """Activation checkpointing on transformers' own mechanism, non-reentrant. Dropout
+        masks repeat in the recomputation (checkpoint restores the RNG state; the masks draw
+        from the global generator) and the recomputation records no routing."""
+        model = self.model
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5
+        enable = enable or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False, "context_fn": self._checkpoint_contexts})
+        if self.search_reader is not None:  # the recomputation must read the forward's gates
+            self.search_reader.hold = True
+
+    def _checkpoint_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        return nullcontext(), self.state.recomputation()
 
     def parameters(self) -> Iterator[nn.Parameter]:
         yield from _adapter_params(self.layers).values()

@@ -78,6 +78,7 @@ def inject_search(
                     p.copy_(torch.randn(p.shape, generator=gen) * REFERENCE_INIT_STD)
     # every forward reads all GSVs in one batched pass (see read_together), then lets go
     reader = _GsvReader([layer.gsv for layer in adapter.layers.values()])
+    adapter.search_reader = reader
     adapter.search_hooks = (
         model.register_forward_pre_hook(reader.before),
         model.register_forward_hook(reader.after, always_call=True),
@@ -87,16 +88,20 @@ def inject_search(
 
 class _GsvReader:
     """The search model's forward hooks. Bound methods, so a deep copy of the model copies
-    this object too and its hooks read the copy's GSVs."""
+    this object too and its hooks read the copy's GSVs. With `hold` (activation
+    checkpointing) a forward's reading stays until the next forward: the backward's
+    recomputation must see the very gates the forward used."""
 
     def __init__(self, gsvs: list[ModuleGsv]) -> None:
         self.gsvs = gsvs
+        self.hold = False
 
     def before(self, _model: nn.Module, _args: tuple) -> None:  # (a return would replace args)
         read_together(self.gsvs)
 
     def after(self, _model: nn.Module, _args: tuple, _out: object) -> None:
-        forget(self.gsvs)
+        if not self.hold:
+            forget(self.gsvs)
 
 
 def expected_parameters(adapter: MoeAdapter) -> torch.Tensor:

@@ -53,6 +53,7 @@ class Context:
     overwrite: bool = False
     say: Callable[[str], None] = print
     tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, object] = field(default_factory=dict)  # run params found at run time
 
     def training(self) -> dict[str, Any]:
         """The keyword arguments of a training stage's `run_*` (search, SFT)."""
@@ -74,6 +75,10 @@ class Stage:
     def run(
         self, config: BaseModel, inputs: Mapping[str, Path | None], out: Path, context: Context
     ) -> Metrics:
+        if "threads" in type(config).model_fields:  # before the stage's module loads torch
+            from ..threads import configure_threads
+
+            context.params.update(configure_threads(config.threads))
         return self._module().run(config, dict(inputs), Path(out), context)
 
     def planned_steps(self, config: BaseModel, inputs: Mapping[str, Path | None]) -> int | None:
