@@ -48,11 +48,13 @@ def test_sft_lowers_loss_and_writes_adapter(tmp_path):
     assert m.metadata["steps"] == 25
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    full = sft(tmp_path, "full")
-    part = sft(tmp_path, "resumed", stop_after=5)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_resume_equals_uninterrupted(tmp_path, checkpointing):
+    config = CFG.model_copy(update={"gradient_checkpointing": checkpointing})
+    full = sft(tmp_path, "full", config)
+    part = sft(tmp_path, "resumed", config, stop_after=5)
     assert part.steps == 5 and not (tmp_path / "resumed").exists()  # no half artifact
-    rest = sft(tmp_path, "resumed")
+    rest = sft(tmp_path, "resumed", config)
     assert rest.resumed_from == 5 and rest.steps == 8
     a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
@@ -60,6 +62,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert full.losses == rest.losses
+    if checkpointing:  # the same training as without checkpointing, to float tolerance
+        plain = sft(tmp_path, "plain")
+        torch.testing.assert_close(full.losses, plain.losses, rtol=1e-4, atol=0)
 
 
 def test_parallel_is_ignored_by_one_process_and_checkpoints_cross_it(tmp_path):

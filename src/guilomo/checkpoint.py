@@ -1,12 +1,9 @@
 """The checkpointer of SFT and the search: safetensors + JSON, no pickles, one folder.
 
-`save_checkpoint(folder, documents=..., tensors=...)` writes the JSON documents and the
-safetensors files into a temporary sibling folder and swaps it in whole, so an interrupted
-save leaves the previous checkpoint. `optimizer_state(prefix, opt)` splits an optimiser's state dict into
-tensors and plain JSON (param groups and the key layout); `load_optimizer_state` puts them
-back. Both also work on a plain state dict in the optimiser's own layout (parameters
-numbered in order), so a state gathered from FSDP shards is written and read in the same
-format as a single process's.
+`save_checkpoint` swaps the whole folder in, so an interrupted save leaves the previous
+checkpoint. `optimizer_state` splits an optimiser state dict (parameters numbered in order,
+as a single process has it; FSDP's gathered state is renumbered to match) into tensors and
+JSON; `optimizer_state_dict` joins them again.
 """
 
 from __future__ import annotations
@@ -25,10 +22,7 @@ from .folders import replace_folder
 
 
 def save_checkpoint(
-    folder: Path,
-    *,
-    documents: Mapping[str, Any],
-    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    folder: Path, *, documents: Mapping[str, Any], tensors: Mapping[str, Mapping[str, torch.Tensor]]
 ) -> None:
     """Make `folder` hold exactly these files: file name -> JSON document, and file name ->
     tensors (a safetensors file), written into a sibling folder first and swapped in whole."""
@@ -43,12 +37,8 @@ def save_checkpoint(
     replace_folder(tmp, folder)
 
 
-def optimizer_state(
-    prefix: str, opt: torch.optim.Optimizer | Mapping[str, Any]
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors `{prefix}.{param index}.{key}` and JSON `{"param_groups", "state_keys"}` of an
-    optimiser, or of a state dict `{"state": {index: {...}}, "param_groups": [...]}`."""
-    sd = opt.state_dict() if isinstance(opt, torch.optim.Optimizer) else opt
+def optimizer_state(prefix: str, sd: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors `{prefix}.{param index}.{key}` and JSON `{"param_groups", "state_keys"}`."""
     tensors = {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -60,15 +50,9 @@ def optimizer_state(
 def optimizer_state_dict(
     prefix: str, tensors: Mapping[str, torch.Tensor], meta: dict
 ) -> dict[str, Any]:
-    """The optimiser state dict that `optimizer_state` split (parameters numbered in order)."""
+    """The optimiser state dict that `optimizer_state` split."""
     state = {
         int(i): {k: tensors[f"{prefix}.{i}.{k}"] for k in keys}
         for i, keys in meta["state_keys"].items()
     }
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def load_optimizer_state(
-    prefix: str, opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: dict
-) -> None:
-    opt.load_state_dict(optimizer_state_dict(prefix, tensors, meta))

@@ -1,7 +1,5 @@
-"""Several processes of one job under `torchrun`: who am I, and sums across processes.
-
-One process per GPU of a node (gloo on CPU, NCCL on GPUs). A single process (no
-`WORLD_SIZE`, or 1) is the default and needs none of this: every helper is then a no-op.
+"""Several processes of one job under `torchrun` (one per GPU of a node; gloo on CPU, NCCL
+on GPUs): who am I, and sums across processes. In a single process every helper is a no-op.
 """
 
 from __future__ import annotations
@@ -20,10 +18,10 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> bool:
+def init_distributed() -> None:
     """Join the process group torchrun describes (no-op for a single process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
+        return
     if torch.cuda.is_available():
         # one GPU per process: NCCL collectives (barrier included) run on this process's GPU
         gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -31,13 +29,11 @@ def init_distributed() -> bool:
         dist.init_process_group("nccl", device_id=gpu)
     else:
         dist.init_process_group("gloo")
-    return True
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
-    """The RNG seed (dropout) of one training step of one process: a function of where the
-    run is, not of what ran before, so a resumed run, or any rank of a resumed torchrun
-    job, draws what the uninterrupted one drew."""
+    """The RNG seed (dropout) of one step of one process: a function of where the run is, so
+    a resumed run, or any rank of a resumed torchrun job, draws what the uninterrupted one drew."""
     return (seed * 1_000_003 + step) * 1024 + rank
 
 

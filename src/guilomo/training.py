@@ -1,10 +1,7 @@
-"""The training loop of SFT, the search and the demo: seeded steps, progress, the step hook
-and the checkpoint cadence. The caller brings one step (forward, backward, optimiser) and
-how to save; `run_steps` does the rest the same way for all three.
-
-Each step reseeds the global RNG from (seed, step, rank) before it runs, so dropout is a
-function of where the run is: a resumed run (or any rank of a resumed torchrun job) draws
-what the uninterrupted one drew.
+"""The training loop of SFT, the search and the demo. The caller brings one step (forward,
+backward, optimiser) and how to save; `run_steps` does the seeding (`step_seed`: a resumed
+run draws the dropout of the uninterrupted one), the progress bar, the step hook and the
+checkpoint cadence the same way for all three.
 """
 
 from __future__ import annotations
@@ -58,12 +55,9 @@ def run_steps(
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[], None] | None = None,
 ) -> None:
-    """Steps `start` .. `end` - 1 of `step(i) -> metrics`, each after reseeding the RNG.
-
-    A progress bar (rank 0, `progress`) shows the metrics named in `shown`; `on_step(i + 1,
-    metrics)` follows each step on rank 0; with `save`, a checkpoint follows the last step
-    and every `checkpoint_every`-th (0: the last only; see `save_point`).
-    """
+    """Steps `start` .. `end` - 1 of `step(i) -> metrics`, each after reseeding the RNG. The
+    bar (rank 0) shows the metrics in `shown`; `on_step(i + 1, metrics)` follows each step on
+    rank 0; with `save`, a `save_point` follows the last and every `checkpoint_every`-th step."""
     rank = world()[0]
     bar = tqdm(range(start, end), desc=desc, disable=not progress or rank != 0, mininterval=0.5)
     for i in bar:

@@ -29,8 +29,7 @@ class SearchStateError(ValueError):
     """A search state that cannot be read, or does not fit the model or config."""
 
 
-def gsv_key(module: str, part: str) -> str:
-    """The tensor name of a module's expert or rank GSV (`part`: "expert" or "rank")."""
+def gsv_key(module: str, part: str) -> str:  # part: "expert" or "rank"
     return f"gsv.{module}.{part}"
 
 
@@ -53,7 +52,7 @@ def publish_state(
     parents: Sequence[str],
     metadata: Mapping,
     extra: Callable[[Path], object] | None = None,
-) -> Path:
+) -> None:
     """Publish the state in `state_dir` (the search's checkpoint folder) as a SearchState
     artifact at `out`; `extra(folder)` may add files (figures) before it is."""
     from . import ArtifactWriter
@@ -71,11 +70,6 @@ def publish_state(
             (tmp / name).write_bytes((Path(state_dir) / name).read_bytes())
         if extra is not None:
             extra(tmp)
-    return Path(out)
-
-
-def has_state(out_dir: Path) -> bool:
-    return (Path(out_dir) / STATE_JSON).is_file()
 
 
 def read_state(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:

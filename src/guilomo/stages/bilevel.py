@@ -10,15 +10,14 @@ minimise L_val(w*(alpha)) on a held-out split. Both losses are CE + aux.
   Four passes: the train gradient of the first is reused for the real step of w.
 
 Every gradient is an explicit `torch.autograd.grad` and the virtual / perturbed weights go
-through `torch.func.functional_call`, so nothing leaks between passes and the real
-optimisers' states are only touched by their own steps. (The reference code never zeroes
-gradients between passes and mutates the optimiser state in its virtual step.)
+through `torch.func.functional_call`, so nothing leaks between passes and the optimisers'
+states are only touched by their own steps (the reference code never zeroes gradients
+between passes and mutates the optimiser state in its virtual step).
 
 Under torchrun each process takes every world-th row of each batch and every gradient is
 summed across processes. A process's CE is weighted by its share of the batch's label
-tokens, so the summed CE gradient is exactly the whole batch's (the search does not depend
-on the number of GPUs); the auxiliary router losses, which are not sums over tokens, are
-weighted by the share of rows, i.e. averaged over the shards.
+tokens, so the summed CE gradient is exactly the whole batch's whatever the number of GPUs;
+the auxiliary router losses (not sums over tokens) are averaged over the shards.
 """
 
 from __future__ import annotations
@@ -35,12 +34,7 @@ from torch.func import functional_call
 from ..distributed import all_reduce_sum, world
 from ..moe.gsv import count_distributions
 from ..moe.model import MoeAdapter
-from ..moe.search import (
-    expected_parameters,
-    gsv_parameters,
-    mode_parameters,
-    weight_parameters,
-)
+from ..moe.search import expected_parameters, gsv_parameters, mode_parameters, weight_parameters
 from ..training import linear_schedule
 
 Batch = Mapping[str, torch.Tensor]
@@ -49,11 +43,8 @@ Order = Literal["first", "second"]
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's rows of a batch and the weights of its loss terms in the batch's loss.
-
-    `batch` is None when the batch has fewer rows than there are processes and this one
-    got none; its gradients are then zeros.
-    """
+    """This process's rows of a batch (None: it got none, its gradients are zeros) and the
+    weights of its loss terms in the batch's loss."""
 
     batch: Batch | None
     ce_weight: float  # share of the batch's label tokens (HF's shifted causal-LM labels)
@@ -80,17 +71,13 @@ class SizeControl:
     `penalty` ramped linearly from 0 over the first `ramp` share of the steps (full strength
     from the start collapses needed modules before their weights train).
 
-    With `target` parameters: a price per parameter, outside the GSV optimiser. Every step,
-    after the GSVs' own (validation-loss) step, the relative gap between the allocation the
-    GSVs select now (each distribution's mode) and the target moves the price by `rate` *
-    gap, and each count's logit moves by minus the price change times what that count
-    costs (rank r of an expert: r * (d_in + d_out); n experts: their expected ranks' cost and
-    routers), in units of one rank of an average module. The logits are then those of a
-    Lagrangian relaxation, g - price * cost, whose mode is the best allocation at that price:
-    as the price moves, modules flip one at a time, in the order of their margin per
-    parameter, so the selection can land on the target. (The former controller, a gradient
-    of price * E[params] through Adam, moved every module the data does not need by the
-    same normalised step, and they flipped together.)
+    With `target` parameters: a price per parameter, outside the GSV optimiser. After every
+    GSV step the selection's (the modes') relative gap to the target moves the price by
+    `rate` * gap, and each count's logit by minus the price change times that count's cost
+    (rank r: r * (d_in + d_out); n experts: their expected ranks' cost and routers), in ranks
+    of an average module. The logits are then a Lagrangian relaxation, g - price * cost: as
+    the price moves, modules flip one at a time, in the order of their margin per parameter,
+    so the selection can land on the target (through Adam, all unneeded modules flip at once).
     """
 
     def __init__(
@@ -140,12 +127,8 @@ class SizeControl:
             cost = per_expert.cumsum(-1)
             cost[: g.top_k] = cost[g.top_k - 1]  # counts below top_k are top_k (folded)
             g.expert -= step * cost / unit
-        expected = float(expected_parameters(adapter))
-        return {
-            "mode_params": float(mode),
-            "expected_params": expected,
-            "size_price": self.multiplier,
-        }
+        info = {"mode_params": float(mode), "expected_params": float(expected_parameters(adapter))}
+        return info | {"size_price": self.multiplier}
 
 
 class BilevelSearch:
@@ -165,6 +148,12 @@ class BilevelSearch:
         gsv_start: int = 0,
         gsv_decay: float = 0.3,
     ) -> None:
+        checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        if order == "second" and checkpointed:
+            raise ValueError(
+                "second-order search with activation checkpointing: the backward would "
+                "recompute at the real weights, not the virtual ones; use order 'first'"
+            )
         self.model, self.adapter, self.order = model, adapter, order
         self.gsv_lr, self.gsv_decay = gsv_lr, gsv_decay
         self.size = size  # the E[params] term of the upper loss (expected estimator only)
@@ -187,10 +176,9 @@ class BilevelSearch:
         self.rank, self.world = world()
 
     def gsv_factor(self, step: int) -> float:
-        """GSV learning-rate factor: 1, then a linear decay towards 0 over the last
-        `gsv_decay` share of the steps, so the selection settles instead of flickering
-        between near-tied counts at the last step (and a size target's controller stops
-        hunting around the target)."""
+        """GSV learning-rate factor: 1, then a linear decay to 0 over the last `gsv_decay` share
+        of the steps, so the selection (and a size target's price) settles instead of
+        flickering between near-tied counts at the last step."""
         start = (1.0 - self.gsv_decay) * self.total_steps
         if step < start or self.gsv_decay == 0:
             return 1.0
@@ -198,10 +186,7 @@ class BilevelSearch:
 
     # -- losses and gradients ---------------------------------------------------------
     def grad(
-        self,
-        part: Shard,
-        wrt: Sequence[torch.Tensor],
-        weights: list[torch.Tensor] | None = None,
+        self, part: Shard, wrt: Sequence[torch.Tensor], weights: list[torch.Tensor] | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """d(CE + aux)/d`wrt` of the whole batch and its CE, at the current weights or at
         `weights` (same order as self.w), summed over the processes' shards."""
@@ -236,11 +221,8 @@ class BilevelSearch:
         so the backward neither computes their gradients nor walks the gate chains (the
         fused layer's own backward cannot tell which of its inputs autograd.grad wants)."""
         wanted = {id(t) for t in wrt}
-        frozen = [
-            p
-            for p in (*self.w.values(), *self.alpha.values())
-            if p.requires_grad and id(p) not in wanted
-        ]
+        searched = (*self.w.values(), *self.alpha.values())
+        frozen = [p for p in searched if p.requires_grad and id(p) not in wanted]
         for p in frozen:
             p.requires_grad_(False)
         try:

@@ -1,25 +1,10 @@
 """The search stage: bilevel GSV search on a train split, GSVs judged on a held-out split.
 
-`run_search` drives `BilevelSearch` over token batches, checkpoints everything a resume
-needs (LoRA weights, GSVs, both optimisers, the LR schedule, the GSV history) into
-its output folder every `checkpoint_every` steps, and resumes from there when the folder
-holds a checkpoint of the same search. Data order is a seeded permutation per epoch, so
-an interrupted and resumed search equals an uninterrupted one.
-
-With `checkpoint_uri` (e.g. `s3://bucket/runs/42/search`) the checkpoint folder is a working
-copy of one in the object store: pulled at the start, pushed after every save, so a retried
-pod resumes. `on_step(step, metrics)` reports every step's losses (for tracking).
-
-Under torchrun (one process per GPU of a node) every process builds the same batches and
-takes its own rows of each (see `bilevel.shard`); gradients are summed across processes,
-so the GSVs and weights stay identical everywhere. Dropout is reseeded at every step from
-(seed, step, rank), which makes a resumed multi-process search equal an uninterrupted one.
-Rank 0 writes the state and the artifact; the router load it records is summed over all.
-
-Output folder:
-  search_state.safetensors  GSVs ("gsv.<module>.expert" / ".rank"), weights ("w.<name>"),
-                            optimiser tensors, GSV history ("history.*")
-  search_state.json         config, step, base model, module shapes, losses, router load
+`SearchRun` drives `BilevelSearch` over token batches in a seeded order per epoch and saves
+everything a resume needs every `checkpoint_every` steps (layout: `artifacts/search_state.py`),
+so an interrupted and resumed search equals an uninterrupted one. Under torchrun every
+process builds the same batches and takes its own rows (see `bilevel.shard`), so the GSVs
+and weights stay identical everywhere; rank 0 writes the state and the artifact.
 """
 
 from __future__ import annotations
@@ -39,52 +24,41 @@ from ..artifacts.search_state import (
     check_state_fits,
     gsv_key,
     gsvs,
-    has_state,
     publish_state,
     read_state,
     write_state,
 )
-from ..checkpoint import load_optimizer_state, optimizer_state
+from ..checkpoint import optimizer_state, optimizer_state_dict
 from ..config import SearchConfig
 from ..distributed import all_reduce_sum, world
 from ..moe.config import LossConfig
 from ..moe.model import MoeAdapter
-from ..moe.search import (
-    inject_search,
-    module_shapes,
-    preset_parameters,
-    size_range,
-)
+from ..moe.search import inject_search, module_shapes, preset_parameters, size_range
 from ..remote import mirror_checkpoints
 from ..training import run_steps, save_point
 from . import Context, Metrics, StepHook
 from .bilevel import Batch, BilevelSearch, SizeControl
 
+OPTIMIZERS = ("opt_w", "opt_alpha")  # BilevelSearch's, by attribute: their tensor prefixes
+
 
 @dataclass
 class SearchResult:
-    out_dir: Path
     steps: int
     resumed_from: int
     losses: list[dict[str, float]]
 
 
-def _order(n: int, epoch: int, seed: int) -> list[int]:
-    return torch.randperm(
-        n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    ).tolist()
-
-
 def _batch_at(data: Sequence[Batch], step: int, seed: int) -> Batch:
+    """The batch of `step` in a seeded permutation of `data` per epoch."""
     epoch, i = divmod(step, len(data))
-    return data[_order(len(data), epoch, seed)[i]]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return data[torch.randperm(len(data), generator=g).tolist()[i]]
 
 
 def router_load(adapter: MoeAdapter) -> dict[str, list[float]]:
-    """Per module, each expert's share of the routed token slots, over every process.
-
-    Every routed module takes part, counted or not, so all processes reduce the same list
-    (a process whose shards were all empty so far has counted nothing)."""
+    """Per module, each expert's share of the routed token slots, over every process (every
+    routed module, counted or not, so all processes reduce the same list)."""
     names = sorted(n for n, layer in adapter.layers.items() if layer.router is not None)
     device = next(adapter.parameters()).device
     counts = [
@@ -95,11 +69,13 @@ def router_load(adapter: MoeAdapter) -> dict[str, list[float]]:
     return {n: (c / c.sum().clamp_min(1)).tolist() for n, c in zip(names, counts, strict=True)}
 
 
-def gsv_tensors(adapter: MoeAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {
-        n: (layer.gsv.expert.detach().clone(), layer.gsv.rank.detach().clone())
-        for n, layer in adapter.layers.items()
-    }
+def gsv_stacks(adapter: MoeAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """All modules' expert GSVs (modules, N) and rank GSVs (modules, N, R), copied."""
+    layers = adapter.layers.values()
+    return (
+        torch.stack([layer.gsv.expert.detach() for layer in layers]),
+        torch.stack([layer.gsv.rank.detach() for layer in layers]),
+    )
 
 
 class SearchRun:
@@ -115,7 +91,6 @@ class SearchRun:
             )
         self.config = config
         self.base_model = base_model
-        self.model = model
         torch.manual_seed(config.seed)  # LoRA / router init and dropout: a rerun is identical
         self.adapter = inject_search(
             model,
@@ -130,8 +105,10 @@ class SearchRun:
             lora_dropout=config.lora_dropout,
             losses=LossConfig(balance_coef=config.balance_coef),
         )
+        if config.gradient_checkpointing:
+            self.adapter.enable_checkpointing()
         self.shapes = module_shapes(self.adapter)
-        self.target = self._target()
+        self.target, size = self._size_control()
         self.search = BilevelSearch(
             model,
             self.adapter,
@@ -141,20 +118,30 @@ class SearchRun:
             warmup_steps=config.warmup,
             gsv_lr=config.gsv_lr,
             gsv_betas=config.gsv_betas,
-            size=self._size_control(),
+            size=size,
             gsv_start=config.gsv_start,
             gsv_decay=config.gsv_decay,
         )
         self.losses: list[dict[str, float]] = []
-        self.history: list[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
+        #: (step, expert GSVs, rank GSVs) every `history_every` steps, as `gsv_stacks` gives
+        self.history: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-    def _target(self) -> int | None:
+    def _size_control(self) -> tuple[int | None, SizeControl | None]:
+        """The size target (None: untargeted), checked, and what steers E[params] (the
+        expected estimator only; None without a target or penalty)."""
         cfg = self.config
-        if not cfg.targeted:
-            return None
         low, high = size_range(
             self.shapes, top_k=cfg.top_k, max_experts=cfg.max_experts, max_rank=cfg.max_rank
         )
+        target = self._target(low, high) if cfg.targeted else None
+        if cfg.estimator != "expected" or (target is None and cfg.size_penalty == 0):
+            return target, None
+        return target, SizeControl(
+            p_max=high, penalty=cfg.size_penalty, ramp=cfg.penalty_ramp, target=target
+        )
+
+    def _target(self, low: int, high: int) -> int:
+        cfg = self.config
         if cfg.target_like is not None:
             target = preset_parameters(
                 cfg.target_like, self.shapes, top_k=cfg.top_k, placement=cfg.placement
@@ -172,63 +159,38 @@ class SearchRun:
             )
         return target
 
-    def _size_control(self) -> SizeControl | None:
-        cfg = self.config
-        if cfg.estimator != "expected":
-            return None
-        p_max = size_range(
-            self.shapes, top_k=cfg.top_k, max_experts=cfg.max_experts, max_rank=cfg.max_rank
-        )[1]
-        if self.target is None and cfg.size_penalty == 0:
-            return None
-        return SizeControl(
-            p_max=p_max,
-            penalty=cfg.size_penalty,
-            ramp=cfg.penalty_ramp,
-            target=self.target,
-        )
-
     # -- persistence -------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:
         """Every process calls this (the router load is summed over them); rank 0 writes."""
         load = router_load(self.adapter)
         if self.search.rank != 0:
             return
-        tensors: dict[str, torch.Tensor] = {}
-        for name, (e, r) in gsv_tensors(self.adapter).items():
-            tensors[gsv_key(name, "expert")], tensors[gsv_key(name, "rank")] = e, r
-        for name, p in self.search.w.items():
-            tensors[f"w.{name}"] = p.detach()
-        ow, ow_meta = optimizer_state("opt_w", self.search.opt_w)
-        oa, oa_meta = optimizer_state("opt_alpha", self.search.opt_alpha)
-        tensors.update(ow)
-        tensors.update(oa)
-        names = list(self.shapes)
-        if self.history:
-            tensors["history.step"] = torch.tensor([s for s, _ in self.history])
-            tensors["history.expert"] = torch.stack(
-                [torch.stack([h[n][0] for n in names]) for _, h in self.history]
-            )
-            tensors["history.rank"] = torch.stack(
-                [torch.stack([h[n][1] for n in names]) for _, h in self.history]
-            )
+        search = self.search
+        tensors = {f"w.{name}": p.detach() for name, p in search.w.items()}
+        for name, layer in self.adapter.layers.items():
+            tensors[gsv_key(name, "expert")] = layer.gsv.expert.detach()
+            tensors[gsv_key(name, "rank")] = layer.gsv.rank.detach()
         doc = {
             "version": 1,
             "base_model": self.base_model,
             "config": self.config.model_dump(mode="json"),
-            "step": self.search.step_count,
-            "modules": names,
+            "step": search.step_count,
+            "modules": list(self.shapes),
             "shapes": {n: list(s) for n, s in self.shapes.items()},
             "losses": self.losses,
             "router_load": load,
-            "opt_w": ow_meta,
-            "opt_alpha": oa_meta,
-            "scheduler": self.search.sched.state_dict(),
+            "scheduler": search.sched.state_dict(),
             "target_params": self.target,
-            "size_multiplier": (
-                self.search.size.multiplier if self.search.size is not None else None
-            ),
+            "size_multiplier": search.size.multiplier if search.size is not None else None,
         }
+        for key in OPTIMIZERS:
+            opt_tensors, doc[key] = optimizer_state(key, getattr(search, key).state_dict())
+            tensors.update(opt_tensors)
+        if self.history:
+            steps, experts, ranks = zip(*self.history, strict=True)
+            tensors["history.step"] = torch.tensor(steps)
+            tensors["history.expert"] = torch.stack(experts)
+            tensors["history.rank"] = torch.stack(ranks)
         write_state(out_dir, doc, tensors)
 
     def load(self, out_dir: Path) -> None:
@@ -239,31 +201,23 @@ class SearchRun:
                 f"{out_dir / STATE_JSON}: was written by a search with another config; "
                 "resume with the same config or use a new output folder"
             )
+        search = self.search
         with torch.no_grad():
             for name, (e, r) in gsvs(doc, tensors).items():
                 self.adapter.layers[name].gsv.expert.copy_(e)
                 self.adapter.layers[name].gsv.rank.copy_(r)
-            for name, p in self.search.w.items():
+            for name, p in search.w.items():
                 p.copy_(tensors[f"w.{name}"])
-        load_optimizer_state("opt_w", self.search.opt_w, tensors, doc["opt_w"])
-        load_optimizer_state("opt_alpha", self.search.opt_alpha, tensors, doc["opt_alpha"])
-        self.search.sched.load_state_dict(doc["scheduler"])
-        if self.search.size is not None:
-            self.search.size.multiplier = doc.get("size_multiplier") or 0.0
-        self.search.step_count = doc["step"]
+        for key in OPTIMIZERS:
+            getattr(search, key).load_state_dict(optimizer_state_dict(key, tensors, doc[key]))
+        search.sched.load_state_dict(doc["scheduler"])
+        if search.size is not None:
+            search.size.multiplier = doc.get("size_multiplier") or 0.0
+        search.step_count = doc["step"]
         self.losses = list(doc["losses"])
         if "history.step" in tensors:
-            names = doc["modules"]
-            self.history = [
-                (
-                    int(s),
-                    {
-                        n: (tensors["history.expert"][i, j], tensors["history.rank"][i, j])
-                        for j, n in enumerate(names)
-                    },
-                )
-                for i, s in enumerate(tensors["history.step"].tolist())
-            ]
+            e, r = tensors["history.expert"], tensors["history.rank"]
+            self.history = list(zip(tensors["history.step"].tolist(), e, r, strict=True))
 
     # -- the loop ----------------------------------------------------------------------
     def run(
@@ -277,13 +231,12 @@ class SearchRun:
         on_step: StepHook | None = None,
         on_checkpoint: Callable[[], None] | None = None,
     ) -> SearchResult:
-        """Search to the end (or to `stop_after`), resuming from `out_dir`. `on_step(step,
-        metrics)` follows every step (metrics: that step's entry of `losses`, less "step");
-        `on_checkpoint()` follows every save to `out_dir`."""
+        """Search to the end (or to `stop_after`), resuming from `out_dir`; `on_step(step,
+        metrics)` follows every step, `on_checkpoint()` every save."""
         if not train or not val:
             raise ValueError("the search needs non-empty train and validation splits")
         out_dir, cfg = Path(out_dir), self.config
-        if has_state(out_dir):
+        if (out_dir / STATE_JSON).is_file():
             self.load(out_dir)
         start = self.search.step_count
         end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -292,7 +245,7 @@ class SearchRun:
             info = self.search.step(_batch_at(train, i, cfg.seed), _batch_at(val, i, cfg.seed + 1))
             self.losses.append({"step": i, **info})
             if i % cfg.history_every == 0 or i == cfg.steps - 1:
-                self.history.append((i, gsv_tensors(self.adapter)))
+                self.history.append((i, *gsv_stacks(self.adapter)))
             return info
 
         save = functools.partial(self.save, out_dir)
@@ -311,9 +264,7 @@ class SearchRun:
         )
         if start >= end:  # nothing to do: the folder still gets (keeps) its state
             save_point(save, on_checkpoint)
-        return SearchResult(
-            out_dir=out_dir, steps=self.search.step_count, resumed_from=start, losses=self.losses
-        )
+        return SearchResult(steps=self.search.step_count, resumed_from=start, losses=self.losses)
 
 
 def tokenized_batches(
@@ -321,10 +272,9 @@ def tokenized_batches(
     tokenizer: Any,
     config: SearchConfig,
     seed: int,
-    device: torch.device | None = None,
+    device: torch.device,
 ) -> list[Batch]:
-    """Fixed, length-grouped batches of tokenised records (the search's unit of data), on
-    `device` if given."""
+    """Fixed, length-grouped batches of tokenised records, on `device`."""
     from ..data.prompts import collate, length_grouped_batches, tokenize_example
 
     examples = [tokenize_example(r, tokenizer, cutoff=config.cutoff) for r in records]
@@ -332,8 +282,8 @@ def tokenized_batches(
     groups = length_grouped_batches(
         [len(e["input_ids"]) for e in examples], config.batch_size, seed=seed
     )
-    batches = [collate([examples[i] for i in g], pad) for g in groups]
-    return [{k: v.to(device) for k, v in b.items()} for b in batches] if device else batches
+    batches = (collate([examples[i] for i in g], pad) for g in groups)
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
 def run_search_stage(
@@ -350,16 +300,11 @@ def run_search_stage(
     on_step: StepHook | None = None,
 ) -> SearchResult:
     """Search on a PreparedDataset (train split for w, validation split for the GSVs) and
-    publish the state, with GSV plots, as a SearchState artifact.
+    publish the state, with GSV plots, as a SearchState artifact at `out`.
 
-    Args:
-        checkpoints: the local checkpoint folder (resumed from when it holds a state).
-        checkpoint_uri: a store URI (`s3://bucket/prefix` or a folder) mirroring
-            `checkpoints`: pulled before the search, pushed after every save.
-        parents: the dataset's URI for the manifest (default: `dataset` itself).
-        on_step: called after every step with the step number (1-based) and that step's
-            losses (`train_loss`, `val_loss`, ...), as recorded in `SearchResult.losses`.
-    """
+    `checkpoints` is resumed from when it holds a state; `checkpoint_uri` (`s3://bucket/prefix`
+    or a folder) mirrors it: pulled before the search, pushed after every save. `parents`
+    defaults to `dataset`. `on_step(step, losses)` follows every step (1-based)."""
     from ..artifacts.prepared import read_split
     from ..plots import gsv_trajectories
 
@@ -394,7 +339,6 @@ def run_search_stage(
         metadata=meta,
         extra=lambda folder: gsv_trajectories(*read_state(folder), folder / "plots", where=folder),
     )
-    result.out_dir = Path(out)
     return result
 
 
@@ -403,11 +347,6 @@ def planned_steps(config: SearchConfig, inputs: dict) -> int:
 
 
 def run(config: SearchConfig, inputs: dict, out: Path, context: Context) -> Metrics:
-    r = run_search_stage(
-        config,
-        dataset=inputs["dataset"],
-        out=out,
-        **context.training(),
-    )
+    r = run_search_stage(config, dataset=inputs["dataset"], out=out, **context.training())
     context.say(f"{r.steps} steps (resumed from {r.resumed_from})")
     return {"steps": float(r.steps)}  # the losses are per-step metrics (on_step)

@@ -1,15 +1,11 @@
 """SFT stage: train a LoRA-MoE built from an Allocation (fresh weights) on a PreparedDataset.
 
-Loss = CE + the adapter's auxiliary router losses; gradient accumulation turns micro-batches
-into the configured batch. Data order and each step's dropout are seeded functions of the
-step (and rank), and every `checkpoint_every` steps the adapter, optimiser and LR schedule
-are saved, so a killed run restarted with the same arguments continues to the same result.
-Under `torchrun` each process takes its share of every batch: with `parallel: ddp` every
-process holds the whole model and adapter gradients are all-reduced (gloo on CPU, NCCL on
-GPUs); with `parallel: fsdp` base and adapter are sharded (FSDP2, one unit per decoder
-layer) for bases that do not fit one GPU. Checkpoints hold full tensors either way, so one
-resumes under either mode. `checkpoint_uri` mirrors the checkpoint folder in an object
-store (pulled at the start, pushed after every save). The result is an `Adapter` artifact.
+Loss = CE + the adapter's auxiliary router losses, micro-batches accumulated into the
+configured batch. Data order and dropout are seeded functions of the step (and rank) and
+checkpoints hold the adapter, optimiser and LR schedule, so a killed run restarted with the
+same arguments continues to the same result. Under `torchrun`, `parallel: ddp` all-reduces
+the adapter gradients and `parallel: fsdp` shards base and adapter (FSDP2) for bases that do
+not fit one GPU; checkpoints hold full tensors either way, so one resumes under either mode.
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -28,12 +24,7 @@ from safetensors.torch import load_file
 from ..artifacts import config_hash
 from ..artifacts.adapter import write_adapter
 from ..artifacts.prepared import dataset_info, read_split
-from ..checkpoint import (
-    load_optimizer_state,
-    optimizer_state,
-    optimizer_state_dict,
-    save_checkpoint,
-)
+from ..checkpoint import optimizer_state, optimizer_state_dict, save_checkpoint
 from ..config import SftConfig
 from ..data.prompts import collate, length_grouped_batches, tokenize_example
 from ..distributed import all_reduce_sum, world
@@ -43,9 +34,6 @@ from ..remote import mirror_checkpoints
 from ..training import linear_schedule, run_steps
 from . import Context, Metrics, StepHook
 
-if TYPE_CHECKING:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
 CKPT_TENSORS = "trainer_state.safetensors"
 CKPT_JSON = "trainer_state.json"
 ADAPTER_TENSORS = "adapter_model.safetensors"
@@ -53,7 +41,6 @@ ADAPTER_TENSORS = "adapter_model.safetensors"
 
 @dataclass
 class SftResult:
-    out: Path
     steps: int
     resumed_from: int
     losses: list[float]
@@ -61,9 +48,8 @@ class SftResult:
 
 
 def checkpoint_hash(config: SftConfig) -> str:
-    """The config hash a checkpoint must match to resume: all fields but `parallel`, which
-    changes how processes share the work, not the result. So a DDP checkpoint resumes under
-    FSDP and back, and checkpoints written before the option existed keep their hash."""
+    """The hash of all config fields but `parallel` (how processes share the work, not the
+    result): a DDP checkpoint resumes under FSDP and back, and older ones keep their hash."""
     return config_hash(config.model_dump(mode="json", exclude={"parallel"}))
 
 
@@ -72,10 +58,9 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     `_no_split_modules` (its decoder layers), else the modules of `model.model.layers`."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        inner = getattr(getattr(model, "model", None), "layers", None)
-        if isinstance(inner, torch.nn.ModuleList):
-            layers = list(inner)
+    inner = getattr(getattr(model, "model", None), "layers", None)
+    if not layers and isinstance(inner, torch.nn.ModuleList):
+        layers = list(inner)
     if not layers:
         listed = ", ".join(sorted(names)) or "none listed"
         raise ValueError(
@@ -87,12 +72,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> None:
-    """FSDP2 over all processes: every decoder layer is one unit (all-gathered just before it
-    runs, resharded after), the root holds the rest (embeddings, final norm, head).
-
-    Parameters on the CPU move to `device` layer by layer as they are sharded, so a base
-    loaded on the CPU never sits whole on one GPU.
-    """
+    """FSDP2 over all processes: one unit per decoder layer, the root holds the rest. CPU
+    parameters move to `device` layer by layer, so the base never sits whole on one GPU."""
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError as exc:  # torch < 2.6: FSDP2 was not public yet
@@ -110,25 +91,48 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> None:
     fully_shard(model, mesh=mesh)
 
 
+def task_types(config: SftConfig, records: Sequence[dict], dataset: Path) -> list[int] | None:
+    """Each record's task type for LoRAMoE's localized balancing, one type per expert group
+    (None when it is off)."""
+    losses = config.losses
+    if losses.localized_coef == 0:
+        return None
+    types = dataset_info(dataset).get("task_types") or []
+    if len(types) < 2:
+        raise ValueError(
+            f"losses.localized_coef is {losses.localized_coef}, but {dataset} has "
+            f"{len(types)} task type(s) {types}: localized balancing needs data from two or "
+            "more sources (e.g. preprocess datasets=[sciq,arc_easy]), or set "
+            "losses.localized_coef=0"
+        )
+    if len(types) != losses.localized_groups:
+        raise ValueError(
+            f"losses.localized_groups is {losses.localized_groups}, but {dataset} has "
+            f"{len(types)} task types {types}: set losses.localized_groups={len(types)}"
+        )
+    per_record = [int(r.get("task_type", -1)) for r in records]
+    if min(per_record) < 0:
+        raise ValueError(
+            "losses.localized_coef > 0 needs each record's task_type: preprocess the data "
+            "again (it records one per data set)"
+        )
+    return per_record
+
+
 def micro_batch_schedule(
     lengths: Sequence[int], config: SftConfig, steps: int
 ) -> list[list[list[int]]]:
     """For every optimiser step, its micro-batches (lists of example indices), all ranks."""
-    accum = config.batch_size // config.micro_batch_size
-    needed = steps * accum
+    size, accum = config.micro_batch_size, config.batch_size // config.micro_batch_size
     micro: list[list[int]] = []
     epoch = 0
-    while len(micro) < needed:
+    while len(micro) < steps * accum:
         seed = config.seed * 7919 + epoch
         if config.group_by_length:
-            micro.extend(length_grouped_batches(lengths, config.micro_batch_size, seed=seed))
+            micro.extend(length_grouped_batches(lengths, size, seed=seed))
         else:
-            g = torch.Generator().manual_seed(seed)
-            order = torch.randperm(len(lengths), generator=g).tolist()
-            micro.extend(
-                order[i : i + config.micro_batch_size]
-                for i in range(0, len(order), config.micro_batch_size)
-            )
+            order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed))
+            micro.extend(order[i : i + size].tolist() for i in range(0, len(order), size))
         epoch += 1
     return [micro[s * accum : (s + 1) * accum] for s in range(steps)]
 
@@ -140,24 +144,6 @@ def total_steps(n_examples: int, config: SftConfig) -> int:
     return max(1, int(per_epoch * config.epochs) // (config.batch_size // config.micro_batch_size))
 
 
-def _full_options(**options: bool) -> StateDictOptions:
-    """`StateDictOptions` for full (unsharded) state dicts, plus `options`: cpu_offload gathers
-    onto rank 0's CPU only, ignore_frozen_params leaves the frozen base out."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **options)
-
-
-def _task_types(records: Sequence[dict]) -> list[int]:
-    types = [int(r.get("task_type", -1)) for r in records]
-    if min(types) < 0:
-        raise ValueError(
-            "losses.localized_coef > 0 needs each record's task_type: preprocess the data "
-            "again (it records one per data set)"
-        )
-    return types
-
-
 class SftTrainer:
     def __init__(
         self,
@@ -166,6 +152,7 @@ class SftTrainer:
         model: torch.nn.Module,
         tokenizer: Any,
         records: Sequence[dict],
+        task_types: list[int] | None = None,
     ) -> None:
         self.config = config
         self.rank, self.world = world()
@@ -181,11 +168,9 @@ class SftTrainer:
             )
             for r in records
         ]
-        self.pad_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
-        #: each example's task type, for LoRAMoE's localized balancing (None: not used)
-        self.task_types = _task_types(records) if config.losses.localized_coef > 0 else None
+        pad = tokenizer.pad_token_id
+        self.pad_id = tokenizer.eos_token_id if pad is None else pad
+        self.task_types = task_types  # each example's, for localized balancing (None: off)
         self.model = model
         torch.manual_seed(config.seed)  # fresh adapter weights, the same on every process
         moe = MoeConfig(
@@ -196,6 +181,8 @@ class SftTrainer:
             losses=config.losses,
         )
         self.adapter: MoeAdapter = inject_adapter(model, moe)
+        if config.gradient_checkpointing:  # before FSDP wraps the layers
+            self.adapter.enable_checkpointing()
         #: parameter names in optimiser order: the keys of the adapter file and checkpoints
         self.param_names = list(self.adapter.state_dict())
         self.fsdp = config.parallel == "fsdp" and self.world > 1
@@ -216,69 +203,36 @@ class SftTrainer:
         self.step = 0
         self.losses: list[float] = []
 
-    # -- full state (FSDP gathers its shards) ------------------------------------------
-    def adapter_weights(self) -> dict[str, torch.Tensor] | None:
-        """The adapter's full tensors by name on rank 0, None on the other ranks.
-
-        Under FSDP every process must call this: the shards are all-gathered (collective)."""
+    # -- checkpoints -------------------------------------------------------------------
+    def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The adapter's full tensors by name and the optimiser state dict, parameters
+        numbered as in one process, on rank 0 (None elsewhere). Under FSDP every process
+        must call this: the shards are all-gathered (onto rank 0's CPU)."""
         if not self.fsdp:
-            return self.adapter.state_dict() if self.rank == 0 else None
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+            return (self.adapter.state_dict(), self.opt.state_dict()) if self.rank == 0 else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        full = get_model_state_dict(
-            self.model, options=_full_options(cpu_offload=True, ignore_frozen_params=True)
+        options = StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
         )
-        return {k: full[k] for k in self.param_names} if self.rank == 0 else None
-
-    def _optimizer_state(self) -> dict[str, Any] | None:
-        """The optimiser state dict with full tensors, parameters numbered as in a single
-        process (rank 0; None elsewhere). Under FSDP a collective, like `adapter_weights`."""
-        if not self.fsdp:
-            return self.opt.state_dict() if self.rank == 0 else None
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        osd = get_optimizer_state_dict(
-            self.model, self.opt, options=_full_options(cpu_offload=True, ignore_frozen_params=True)
-        )
+        weights, osd = get_state_dict(self.model, self.opt, options=options)
         if self.rank != 0:
             return None
         index = {name: i for i, name in enumerate(self.param_names)}  # FQN -> number
-        return {
+        numbered = {
             "state": dict(sorted((index[k], v) for k, v in osd["state"].items())),
             "param_groups": [
                 {**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]
             ],
         }
+        return {k: weights[k] for k in self.param_names}, numbered
 
-    def _load_into_shards(self, weights: dict[str, torch.Tensor], osd: dict[str, Any]) -> None:
-        """FSDP: from full adapter tensors and an optimiser state dict in a single process's
-        layout, each process keeps its shard. Every process must call this (collective)."""
-        from torch.distributed.checkpoint.state_dict import (
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        names = self.param_names
-        # strict=False: the file holds the adapter, the frozen base is the model's own
-        set_model_state_dict(
-            self.model, {k: weights[k] for k in names}, options=_full_options(strict=False)
-        )
-        by_name = {
-            "state": {names[int(i)]: v for i, v in osd["state"].items()},
-            "param_groups": [
-                {**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]
-            ],
-        }
-        set_optimizer_state_dict(self.model, self.opt, by_name, options=_full_options())
-
-    # -- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self, ckpt_dir: Path) -> None:
-        """Rank 0 writes the checkpoint; under FSDP every process must call this (the full
-        tensors are gathered from all shards), elsewhere the other ranks return at once."""
-        weights, osd = self.adapter_weights(), self._optimizer_state()
-        if weights is None or osd is None:
+        """Rank 0 writes; under FSDP every process must call this (see `full_state`)."""
+        state = self.full_state()
+        if state is None:
             return  # not the writing process
-        tensors, meta = optimizer_state("opt", osd)
+        tensors, meta = optimizer_state("opt", state[1])
         doc = {
             "step": self.step,
             "optimizer": meta,
@@ -286,15 +240,12 @@ class SftTrainer:
             "losses": self.losses,
             "config_hash": checkpoint_hash(self.config),
         }
-        save_checkpoint(
-            ckpt_dir,
-            documents={CKPT_JSON: doc},
-            tensors={ADAPTER_TENSORS: weights, CKPT_TENSORS: tensors},
-        )
+        files = {ADAPTER_TENSORS: state[0], CKPT_TENSORS: tensors}
+        save_checkpoint(ckpt_dir, documents={CKPT_JSON: doc}, tensors=files)
 
-    def load_checkpoint(self, ckpt_dir: Path) -> bool:
+    def load_checkpoint(self, ckpt_dir: Path) -> None:
         if not (ckpt_dir / CKPT_JSON).is_file():
-            return False
+            return
         doc = json.loads((ckpt_dir / CKPT_JSON).read_text())
         if doc["config_hash"] != checkpoint_hash(self.config):
             raise ValueError(
@@ -302,17 +253,54 @@ class SftTrainer:
                 "resume or another checkpoint folder"
             )
         weights = load_file(str(ckpt_dir / ADAPTER_TENSORS))
-        tensors = load_file(str(ckpt_dir / CKPT_TENSORS))
-        if self.fsdp:  # every process read the same files; each keeps its shard
-            self._load_into_shards(weights, optimizer_state_dict("opt", tensors, doc["optimizer"]))
-        else:
+        osd = optimizer_state_dict("opt", load_file(str(ckpt_dir / CKPT_TENSORS)), doc["optimizer"])
+        if self.fsdp:  # every process read the same files; each keeps its shard (collective)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            names = self.param_names  # number -> FQN, as torch.distributed.checkpoint wants
+            osd = {
+                "state": {names[i]: v for i, v in osd["state"].items()},
+                "param_groups": [
+                    {**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]
+                ],
+            }
+            # strict=False: the file holds the adapter, the frozen base is the model's own
+            opts = StateDictOptions(full_state_dict=True, strict=False)
+            set_state_dict(
+                self.model, self.opt, model_state_dict=weights, optim_state_dict=osd, options=opts
+            )
+        else:  # the adapter's own names: a missing tensor is an error, DDP's prefix no matter
             with torch.no_grad():
                 for k, p in self.adapter.state_dict().items():
                     p.copy_(weights[k])
-            load_optimizer_state("opt", self.opt, tensors, doc["optimizer"])
+            self.opt.load_state_dict(osd)
         self.sched.load_state_dict(doc["scheduler"])
         self.step, self.losses = doc["step"], list(doc["losses"])
-        return True
+
+    def publish(
+        self, out: Path, result: SftResult, parents: Sequence[str], base: dict | None
+    ) -> None:
+        """Write the Adapter artifact: the adapter, its loss log and loss curve, the metadata
+        (rank 0; under FSDP every process must call this, see `full_state`)."""
+        from ..plots import loss_curve
+
+        state = self.full_state()
+        if state is None:
+            return  # not the writing process
+        meta = {
+            "steps": self.step,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "trainable_parameters": self.adapter.num_parameters(),
+            "tokens_per_second": round(result.tokens_per_second, 1),
+        } | ({"base_model": base} if base else {})
+
+        def save(folder: Path) -> None:
+            self.adapter.save(folder, state[0])
+            loss_curve(self.losses, folder / "plots" / "sft_loss.png")
+
+        write_adapter(
+            out, save, losses=self.losses, metadata=meta, config=self.config, parents=parents
+        )
 
     # -- training ----------------------------------------------------------------------
     def _accumulate(self, micro: list[list[int]], device: torch.device) -> tuple[torch.Tensor, int]:
@@ -322,10 +310,8 @@ class SftTrainer:
         for n, idx in enumerate(micro, start=1):
             if self.fsdp:  # reduce-scatter the summed gradients once, on the last backward
                 self.model.set_requires_gradient_sync(n == len(micro))
-            batch = {
-                k: v.to(device)
-                for k, v in collate([self.examples[i] for i in idx], self.pad_id).items()
-            }
+            examples = [self.examples[i] for i in idx]
+            batch = {k: v.to(device) for k, v in collate(examples, self.pad_id).items()}
             if self.task_types is not None:
                 types = [self.task_types[i] for i in idx]
                 self.adapter.set_task_types(torch.tensor(types, device=device))
@@ -389,33 +375,9 @@ class SftTrainer:
             checkpoint_every=self.config.checkpoint_every,
             on_checkpoint=on_checkpoint,
         )
-        elapsed = max(time.perf_counter() - t0, 1e-9)
+        rate = tokens * self.world / max(time.perf_counter() - t0, 1e-9)
         return SftResult(
-            out=Path(),
-            steps=self.step,
-            resumed_from=start,
-            losses=self.losses,
-            tokens_per_second=tokens * self.world / elapsed,
-        )
-
-
-def check_task_types(config: SftConfig, info: dict, dataset: Path) -> None:
-    """LoRAMoE's localized balancing needs a task type per record, one per expert group."""
-    losses = config.losses
-    if losses.localized_coef == 0:
-        return
-    types = info.get("task_types") or []
-    if len(types) < 2:
-        raise ValueError(
-            f"losses.localized_coef is {losses.localized_coef}, but {dataset} has "
-            f"{len(types)} task type(s) {types}: localized balancing needs data from two or "
-            "more sources (e.g. preprocess datasets=[sciq,arc_easy]), or set "
-            "losses.localized_coef=0"
-        )
-    if len(types) != losses.localized_groups:
-        raise ValueError(
-            f"losses.localized_groups is {losses.localized_groups}, but {dataset} has "
-            f"{len(types)} task types {types}: set losses.localized_groups={len(types)}"
+            steps=self.step, resumed_from=start, losses=self.losses, tokens_per_second=rate
         )
 
 
@@ -434,27 +396,21 @@ def run_sft(
     progress: bool = True,
     on_step: StepHook | None = None,
 ) -> SftResult:
-    """Train and write the Adapter artifact to `out` (checkpoints in `checkpoints`).
-
-    Args:
-        checkpoint_uri: a store URI (`s3://bucket/prefix` or a folder) that mirrors the
-            `checkpoints` folder: pulled before training (resume), pushed after every save.
-        parents: the URIs of the dataset and allocation, recorded in the manifest.
-        on_step: called on rank 0 after every optimiser step with the step number (1-based)
-            and `{"loss", "lr", "step_tokens_per_second"}` of that step (the run's average is
-            `tokens_per_second`, a metric of its own).
-    """
+    """Train and write the Adapter artifact to `out`, resuming from `checkpoints` (mirrored
+    by `checkpoint_uri`, `s3://bucket/prefix` or a folder: pulled first, pushed after every
+    save). `parents`: the dataset's and allocation's URIs, for the manifest. `on_step(step,
+    {"loss", "lr", "step_tokens_per_second"})` follows every optimiser step on rank 0."""
     if checkpoint_uri is not None and checkpoints is None:
         raise ValueError("checkpoint_uri mirrors a local folder: give `checkpoints` as well")
     records = read_split(Path(dataset), "train")
-    check_task_types(config, dataset_info(Path(dataset)), dataset)
+    types = task_types(config, records, Path(dataset))
     base = None  # the base model's identity, when this stage loads it
     if model is None:
         from ..models import model_identity
 
         base = model_identity(config.base_model)
         model, tokenizer = _load_base(config)
-    trainer = SftTrainer(config, allocation, model, tokenizer, records)
+    trainer = SftTrainer(config, allocation, model, tokenizer, records, types)
     push = mirror_checkpoints(checkpoint_uri, checkpoints)
     if checkpoints is not None:
         trainer.load_checkpoint(Path(checkpoints))
@@ -465,12 +421,8 @@ def run_sft(
         on_step=on_step,
         on_checkpoint=push,
     )
-    result.out = Path(out)
-    if trainer.step < trainer.steps:
-        return result  # interrupted on purpose
-    weights = trainer.adapter_weights()  # under FSDP every process takes part in the gather
-    if weights is not None:  # the writing process
-        _publish(trainer, weights, result, out, config, parents, base)
+    if trainer.step >= trainer.steps:  # else interrupted on purpose
+        trainer.publish(Path(out), result, parents, base)
     return result
 
 
@@ -489,39 +441,6 @@ def _load_base(config: SftConfig) -> tuple[torch.nn.Module, Any]:
     return load_model(config.base_model, dtype=dtype, device=device)
 
 
-def _publish(
-    trainer: SftTrainer,
-    weights: dict[str, torch.Tensor],
-    result: SftResult,
-    out: Path,
-    config: SftConfig,
-    parents: Sequence[str],
-    base: dict | None,
-) -> None:
-    """Write the Adapter artifact: the adapter, its loss log and loss curve, the metadata."""
-    from ..plots import loss_curve
-
-    meta = {
-        "steps": trainer.step,
-        "final_loss": result.losses[-1] if result.losses else None,
-        "trainable_parameters": trainer.adapter.num_parameters(),
-        "tokens_per_second": round(result.tokens_per_second, 1),
-    } | ({"base_model": base} if base else {})
-
-    def save(folder: Path) -> None:
-        trainer.adapter.save(folder, weights)
-        loss_curve(result.losses, folder / "plots" / "sft_loss.png")
-
-    write_adapter(
-        out,
-        save,
-        losses=result.losses,
-        metadata=meta,
-        config=config,
-        parents=parents,
-    )
-
-
 def planned_steps(config: SftConfig, inputs: dict) -> int:
     return total_steps(len(read_split(inputs["dataset"], "train")), config)
 
@@ -529,12 +448,9 @@ def planned_steps(config: SftConfig, inputs: dict) -> int:
 def run(config: SftConfig, inputs: dict, out: Path, context: Context) -> Metrics:
     from ..artifacts.allocation import read_allocation
 
+    allocation = read_allocation(inputs["allocation"])
     r = run_sft(
-        config,
-        dataset=inputs["dataset"],
-        allocation=read_allocation(inputs["allocation"]),
-        out=out,
-        **context.training(),
+        config, dataset=inputs["dataset"], allocation=allocation, out=out, **context.training()
     )
     context.say(
         f"{r.steps} steps (resumed from {r.resumed_from}), final loss {r.losses[-1]:.4f}, "
