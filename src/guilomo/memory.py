@@ -48,7 +48,8 @@ class MemoryPlan:
 
 
 class _Saved:
-    """Bytes autograd saves for the backward, each tensor once, parameters excluded."""
+    """Bytes autograd saves for the backward: each storage once (a view counts as the tensor
+    it views), parameters excluded."""
 
     def __init__(self, model: nn.Module) -> None:
         self.params = {id(p) for p in model.parameters()}
@@ -57,10 +58,11 @@ class _Saved:
         self.bytes = 0
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in self.params and id(t) not in self.ids:
-            self.ids.add(id(t))
-            self.seen.append(t)
-            self.bytes += t.numel() * t.element_size()
+        base = t if t._base is None else t._base
+        if id(base) not in self.params and id(base) not in self.ids:
+            self.ids.add(id(base))
+            self.seen.append(base)
+            self.bytes += base.untyped_storage().nbytes()
         return t
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
