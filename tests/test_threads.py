@@ -63,7 +63,20 @@ def test_configure_threads_sets_torch():
 
     before = torch.get_num_threads()
     try:
-        assert configure_threads(1) == {"threads": 1, "threads_source": "config"}
+        params = configure_threads(1)
+        assert (params["threads"], params["threads_source"]) == (1, "config")
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_prepare_openmp_lowers_the_spin_count_unless_the_user_chose():
+    from guilomo.threads import SPINCOUNT, prepare_openmp
+
+    env = {}
+    prepare_openmp(env)
+    assert env == {"GOMP_SPINCOUNT": SPINCOUNT}
+    for chosen in ({"GOMP_SPINCOUNT": "5"}, {"OMP_WAIT_POLICY": "PASSIVE"}):
+        env = dict(chosen)
+        prepare_openmp(env)
+        assert env == chosen

@@ -13,6 +13,7 @@ from pydantic.fields import FieldInfo
 
 from . import __version__
 from .moe.config import Placement, RouterKind
+from .threads import prepare_openmp
 
 EXIT_BAD_INPUT = 2
 
@@ -325,6 +326,7 @@ def _parse_preset(text: str) -> str | list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prepare_openmp()  # before anything imports torch
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # KEY=VALUE overrides may follow options (`rerun sft --from RUN sft.lr=1e-4`)

@@ -104,6 +104,9 @@ def run_task(
     """Run `stage` (a name in `STAGES`) as one tracked MLflow child run (the tracker checks that
     MLflow answers before any model is loaded). A checkpointed stage with `tracking.gpus` > 1
     reruns itself under torchrun, one process per GPU of the node; rank 0 tracks and publishes."""
+    from .threads import prepare_openmp
+
+    prepare_openmp()  # a fresh component process: before torch loads libgomp
     from .artifacts import read_artifact
     from .config import validated
     from .stages import STAGES, Context

@@ -5,16 +5,25 @@ node, or a process pinned to a few cores, gets less: its threads then spin on co
 not get, and a step runs 30-50x slower for 3-6x less CPU. The usable CPU is the smaller of
 the process's affinity and its cgroup quota (v2 `cpu.max`, or v1 `cpu.cfs_quota_us` over
 `cpu.cfs_period_us`, the tightest along the cgroup's ancestors).
+
+Cores shared with other processes (no quota, busy neighbours) meet the same spinning:
+libgomp's threads wait at each barrier by spinning 300,000 times before they sleep, so a
+thread whose partner lost its core burns its own. `prepare_openmp` lowers that to
+`SPINCOUNT` unless `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` is set; libgomp reads it when torch
+loads it, so the CLI and the tasks call it before importing torch.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: libgomp's spin count before a waiting thread sleeps (its default is 300,000): the same
+#: speed alone, a third less slowdown beside CPU-bound neighbours (benchmarks/contended.py)
+SPINCOUNT = "100000"
 PROC_CGROUP = Path("/proc/self/cgroup")
 
 
@@ -82,10 +91,17 @@ def thread_count(
     return max(1, math.floor(usable_cpus(root, proc_cgroup))), "cpu quota"
 
 
+def prepare_openmp(env: MutableMapping[str, str] = os.environ) -> None:
+    """Lower libgomp's spin count before torch is imported (see the module docstring)."""
+    if "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env:
+        env["GOMP_SPINCOUNT"] = SPINCOUNT
+
+
 def configure_threads(configured: int | None = None) -> dict[str, object]:
     """Set torch's intra-op threads to `thread_count` and return what to log as params."""
     import torch
 
     threads, source = thread_count(configured)
     torch.set_num_threads(threads)
-    return {"threads": threads, "threads_source": source}
+    spin = os.environ.get("GOMP_SPINCOUNT") or os.environ.get("OMP_WAIT_POLICY") or "default"
+    return {"threads": threads, "threads_source": source, "openmp_wait": spin}
