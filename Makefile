@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Tests and the demo never download: weights and data come from code or installed packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: venv demo test bench bench-eval bench-pipeline lint clean lint-venv lint-chart docker-constraints
+.PHONY: venv demo test bench bench-eval bench-pipeline gpu-check lint clean lint-venv lint-chart docker-constraints
 
 # torch==2.13.0 first: it is a CPU wheel on local disk; a bare `torch` would pull a CUDA build.
 # The project's run-time dependencies are installed at the image's exact versions
@@ -36,6 +36,11 @@ test: venv lint-venv
 bench: venv
 	$(OFFLINE) $(BIN)/python benchmarks/moe_layer.py
 	$(OFFLINE) $(BIN)/python benchmarks/search_step.py
+
+# On a CUDA machine: the CUDA tests and GPU benchmarks, one JSON report (under 10 minutes).
+# Without CUDA it says so and exits 0.
+gpu-check: venv
+	$(OFFLINE) $(BIN)/python benchmarks/gpu_check.py --out gpu-check.json
 
 # Log-likelihood scoring against lm-evaluation-harness, same requests and model (~13 minutes).
 bench-eval: venv

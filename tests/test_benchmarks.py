@@ -194,3 +194,22 @@ def test_allocation_quality_tiny_runs_then_reuses_every_cell(tmp_path):
     assert len(lines3) == len(lines1) and all(line.endswith("... cached") for line in lines3)
     assert third["summary"] == first["summary"]
     assert not (tmp_path / "fresh" / "tiny-base").exists()  # nothing was run
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: make gpu-check runs the real check")
+    out = tmp_path / "report.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report == json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["cuda"] is False and "no CUDA GPU" in report["message"]
+    assert "no CUDA GPU" in r.stderr
