@@ -132,32 +132,25 @@ def plan_memory(
     )
 
 
+def _llama(
+    vocab: int, hidden: int, mlp: int, layers: int, heads: int, kv: int, **kw: object
+) -> dict:
+    return dict(
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        **kw,
+    )
+
+
 #: Model shapes known by name (published configs), so a plan needs neither weights nor network.
 SHAPES: dict[str, dict[str, object]] = {
-    "llama-3-8b": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-    ),
-    "smollm2-135m": dict(
-        model_type="llama",
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    ),
+    "llama-3-8b": _llama(128256, 4096, 14336, 32, 32, 8, rope_theta=5e5, tie_word_embeddings=False),
+    "smollm2-135m": _llama(49152, 576, 1536, 30, 9, 3, rope_theta=1e5, tie_word_embeddings=True),
 }
 
 
