@@ -60,7 +60,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from guilomo.moe import MoeConfig, build_allocation, inject_adapter
-from moe_layer import LOAD_WARN, OtherLoad
+from moe_layer import LOAD_WARN, OtherLoad, log, paired, sync
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXPERTS, TOP_K, RANK, ALPHA = 8, 2, 8, 16.0  # guilomo and the MoLA loop (scale alpha / r = 2)
@@ -77,15 +77,6 @@ TARGETS = {
     "mola_loop_slowdown_min": 2.0,
     "decode_vs_base_max": 1.2,
 }
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,11 +294,6 @@ def round_robin(
             + "  ".join(f"{n}={samples[n][-1] * 1e3:.0f}ms" for n in names)
         )
     return samples
-
-
-def paired(samples: dict[str, list[float]], num: str, den: str) -> float:
-    """Median over the rounds of num's time / den's time in the same round."""
-    return statistics.median(a / b for a, b in zip(samples[num], samples[den], strict=True))
 
 
 def medians_ms(samples: dict[str, list[float]]) -> dict[str, float]:

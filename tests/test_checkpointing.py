@@ -44,8 +44,12 @@ def adapted(placement, router, losses=LOSSES, checkpointing=False):
         rank=4,
     )
     config = MoeConfig(allocation=alloc, lora_dropout=0.1, router=router, losses=losses)
-    adapter = inject_adapter(model, config)
-    g = torch.Generator().manual_seed(2)
+    return prepared(model, inject_adapter(model, config), checkpointing, seed=2)
+
+
+def prepared(model, adapter, checkpointing, seed):
+    """Non-zero B (every LoRA parameter gets a gradient), checkpointing if asked, train mode."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in adapter.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
@@ -128,14 +132,7 @@ def test_checkpointing_in_search_matches_gsv_gradients(estimator):
             lora_dropout=0.1,
             losses=LOSSES,
         )
-        g = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for p in adapter.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-        if checkpointing:
-            adapter.enable_checkpointing()
-        model.train()
-        result = step(model, adapter)
+        result = step(*prepared(model, adapter, checkpointing, seed=3))
         gsv = {n: p.grad for n, p in gsv_parameters(adapter).items()}
         return result, gsv
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -22,6 +22,24 @@ class _Config(BaseModel):
     """A stage's config: unknown keys are errors, and a validated config does not change."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: The stages' shared run-time fields.
+Threads = Annotated[
+    int | None,
+    Field(
+        ge=1,
+        description="torch intra-op threads; default OMP_NUM_THREADS, else the CPUs this "
+        "process may use (its affinity and cgroup quota).",
+    ),
+]
+Checkpointing = Annotated[
+    bool,
+    Field(
+        description="Recompute each decoder layer's activations in the backward (transformers' "
+        "own, non-reentrant): less memory for more time. Search: first order only."
+    ),
+]
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -224,17 +242,8 @@ class SearchConfig(_Config):
     seed: int = Field(0, description="Seeds GSV init, data order and dropout.")
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
     history_every: int = Field(1, ge=1, description="Steps between GSV history rows.")
-    gradient_checkpointing: bool = Field(
-        False,
-        description="Recompute each decoder layer's activations in the backward: "
-        "less memory for more time (first order only).",
-    )
-    threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch intra-op threads; default OMP_NUM_THREADS, else the CPUs this "
-        "process may use (its affinity and cgroup quota).",
-    )
+    gradient_checkpointing: Checkpointing = False
+    threads: Threads = None
 
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:
@@ -360,17 +369,8 @@ class SftConfig(_Config):
         "processes (PyTorch FSDP2) for bases that do not fit one GPU. Same result and "
         "checkpoints either way; ignored for one process.",
     )
-    gradient_checkpointing: bool = Field(
-        False,
-        description="Recompute each decoder layer's activations in the backward: "
-        "less memory for more time (transformers' own, non-reentrant).",
-    )
-    threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch intra-op threads; default OMP_NUM_THREADS, else the CPUs this "
-        "process may use (its affinity and cgroup quota).",
-    )
+    gradient_checkpointing: Checkpointing = False
+    threads: Threads = None
 
     @model_validator(mode="after")
     def _check(self) -> SftConfig:
@@ -401,9 +401,4 @@ class EvalConfig(_Config):
         None, ge=1, description="Evaluate only the first N records of the split."
     )
     base_model: str = Field("smollm2-135m", description="Model folder, hub id or smollm2-135m.")
-    threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch intra-op threads; default OMP_NUM_THREADS, else the CPUs this "
-        "process may use (its affinity and cgroup quota).",
-    )
+    threads: Threads = None

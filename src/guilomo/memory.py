@@ -18,7 +18,9 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
+
+from .moe.config import Placement
 
 if TYPE_CHECKING:  # torch loads only when a plan is made: `--help` stays fast
     import torch
@@ -190,8 +192,7 @@ def _plan_command(args: argparse.Namespace) -> int:
     from .artifacts.allocation import read_allocation
     from .moe import MoeConfig, build_allocation, inject_adapter
 
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype, torch.float32)
-    model = meta_model(model_config(args.base_model), dtype)
+    model = meta_model(model_config(args.base_model), getattr(torch, args.dtype))
     if args.allocation is not None:
         alloc = read_allocation(args.allocation)
     else:
@@ -248,7 +249,7 @@ def add_memory_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experts", type=int, default=8, help="experts per module (uniform)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (uniform)")
     p.add_argument("--rank", type=int, default=8, help="rank of every expert (uniform)")
-    p.add_argument("--placement", choices=["all", "mlp", "mixlora"], default="all")
+    p.add_argument("--placement", choices=get_args(Placement), default="all")
     p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch")
     p.add_argument("--cutoff", type=int, default=256, help="tokens per sequence")

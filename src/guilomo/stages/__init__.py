@@ -75,7 +75,7 @@ class Stage:
     def run(
         self, config: BaseModel, inputs: Mapping[str, Path | None], out: Path, context: Context
     ) -> Metrics:
-        if "threads" in type(config).model_fields:  # before the stage's module loads torch
+        if "threads" in type(config).model_fields:  # the stages that run torch work
             from ..threads import configure_threads
 
             context.params.update(configure_threads(config.threads))
